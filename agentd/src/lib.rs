@@ -1,0 +1,1 @@
+//! The node agent (not built yet: no issue has asked for it).

@@ -1,0 +1,5 @@
+//! `grove-bench boot` (not written yet).
+
+pub fn run(_args: &[String]) -> Result<(), String> {
+    Err("not implemented yet".into())
+}

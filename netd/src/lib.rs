@@ -1,0 +1,1 @@
+//! Network slots and eBPF dataplane (not built yet: no issue has asked for it).

@@ -1,0 +1,1 @@
+//! Wire protocols. Generated code lands here (see `build.rs` once the protos exist).

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Sets up a fresh Debian host of the project's kind (root) for building and
+# testing Grove: Debian packages, Rust components, then a release build of the
+# workspace and the test guest. Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  build-essential pkg-config
+  clang libclang-dev          # bindgen (userfaultfd, devicemapper-sys), BPF programs
+  libdevmapper-dev            # devicemapper crate (dm-thin backend)
+  e2fsprogs                   # mkfs.ext4 -d for root images and block-store tests
+  debootstrap cpio zstd xz-utils busybox-static   # guest images
+  qemu-system-x86             # the guest side under software emulation
+  iproute2                    # netns/veth/tap for network tests
+)
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}" >&2
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+rustup component add clippy rustfmt >/dev/null 2>&1 || true
+
+echo "setup: building the workspace (release)" >&2
+cargo build --release --workspace --quiet
+echo "setup: building the test guest" >&2
+scripts/build-testguest.sh >/dev/null
+echo "setup: done" >&2

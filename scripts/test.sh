@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The project's test command: formatting, lints, then every test tier this
+# host can run (tests that need something the host lacks print why they skip).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== cargo fmt --check" >&2
+cargo fmt --all --check
+(cd vmm/testguest && cargo fmt --check)
+echo "== cargo clippy" >&2
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== test guest" >&2
+GROVE_TESTGUEST="$(scripts/build-testguest.sh | tail -1)"
+export GROVE_TESTGUEST
+echo "== cargo test" >&2
+cargo test --workspace --release 2>&1 | tee /tmp/grove-cargo-test.log
