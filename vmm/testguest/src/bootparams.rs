@@ -1,0 +1,181 @@
+//! Reading the Linux boot_params ("zero page") the loader left in RSI, and the
+//! `tg.*` keys of the kernel command line.
+//!
+//! Everything read here was written by the VMM: offsets and counts are bounded
+//! before use (at most 128 e820 entries, a cmdline of at most 4 KiB inside the
+//! identity-mapped range).
+
+use crate::boot::MAPPED_BYTES;
+
+/// `boot_params.e820_entries` (u8).
+const E820_ENTRIES: u64 = 0x1e8;
+/// `boot_params.hdr.cmd_line_ptr` (u32).
+const CMD_LINE_PTR: u64 = 0x228;
+/// `boot_params.e820_table`: 20-byte entries {u64 addr, u64 size, u32 type}.
+const E820_TABLE: u64 = 0x2d0;
+/// Entries the zero page has room for.
+pub const E820_MAX: usize = 128;
+/// Size of the zero page.
+const ZERO_PAGE_SIZE: u64 = 4096;
+/// Longest command line read.
+const CMDLINE_MAX: usize = 4096;
+/// e820 type of usable RAM.
+pub const E820_RAM: u32 = 1;
+
+/// One e820 entry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct E820Entry {
+    pub addr: u64,
+    pub size: u64,
+    pub kind: u32,
+}
+
+/// The zero page at a checked guest-physical (= virtual, identity-mapped) address.
+pub struct BootParams {
+    base: u64,
+}
+
+impl BootParams {
+    /// Checks that the zero page lies inside the identity map.
+    pub fn new(base: u64) -> Result<Self, &'static str> {
+        if base == 0 || base.checked_add(ZERO_PAGE_SIZE).is_none_or(|end| end > MAPPED_BYTES) {
+            return Err("boot_params pointer (RSI) is null or outside the mapped range");
+        }
+        Ok(Self { base })
+    }
+
+    fn read<T: Copy>(&self, off: u64) -> T {
+        let addr = self.base + off;
+        // SAFETY: `new` checked that the 4 KiB zero page lies inside the identity map
+        // (present, user-accessible pages), every offset used here is inside it, and
+        // an unaligned read of a plain integer type is valid for any bit pattern.
+        unsafe { core::ptr::read_unaligned(addr as *const T) }
+    }
+
+    /// The kernel command line (up to its NUL, at most 4 KiB), empty if the
+    /// pointer is null or out of range.
+    pub fn cmdline(&self) -> &'static [u8] {
+        let ptr = u64::from(self.read::<u32>(CMD_LINE_PTR));
+        if ptr == 0 || ptr + CMDLINE_MAX as u64 > MAPPED_BYTES {
+            return &[];
+        }
+        // SAFETY: [ptr, ptr + 4 KiB) lies inside the identity map (checked above); the
+        // VMM wrote the command line there before entry and nothing writes it later.
+        let window = unsafe { core::slice::from_raw_parts(ptr as *const u8, CMDLINE_MAX) };
+        let len = window.iter().position(|&b| b == 0).unwrap_or(CMDLINE_MAX);
+        &window[..len]
+    }
+
+    /// The e820 map (at most [`E820_MAX`] entries), in table order.
+    pub fn e820(&self, out: &mut [E820Entry; E820_MAX]) -> usize {
+        let n = usize::from(self.read::<u8>(E820_ENTRIES)).min(E820_MAX);
+        for (i, e) in out.iter_mut().enumerate().take(n) {
+            let off = E820_TABLE + 20 * i as u64;
+            *e = E820Entry {
+                addr: self.read::<u64>(off),
+                size: self.read::<u64>(off + 8),
+                kind: self.read::<u32>(off + 16),
+            };
+        }
+        n
+    }
+}
+
+/// What the guest does after boot (`tg.mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Hello,
+    Ready,
+    Checksum,
+    Fork,
+    Busy,
+    TripleFault,
+}
+
+/// The `tg.*` settings of the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub mode: Mode,
+    /// MiB of the region the guest writes (`tg.touch_mib`).
+    pub touch_mib: u64,
+    /// Pattern seed (`tg.seed`).
+    pub seed: u64,
+    /// TSC frequency override in kHz (`tg.tsc_khz`), else CPUID, else a default.
+    pub tsc_khz: Option<u64>,
+    /// Target interval between `T`s in microseconds (`tg.t_us`, 1..=100, default 50).
+    pub t_us: u64,
+    /// Print a line with the settings before starting (`tg.verbose=1`).
+    pub verbose: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self { mode: Mode::Hello, touch_mib: 0, seed: 0, tsc_khz: None, t_us: 50, verbose: false }
+    }
+}
+
+/// Largest accepted `tg.touch_mib` (the identity map ends at 16 GiB).
+const TOUCH_MIB_MAX: u64 = MAPPED_BYTES >> 20;
+
+/// Parses a decimal or `0x` hexadecimal u64.
+pub fn parse_u64(s: &[u8]) -> Option<u64> {
+    let (digits, radix) = match s {
+        [b'0', b'x' | b'X', rest @ ..] => (rest, 16),
+        _ => (s, 10),
+    };
+    if digits.is_empty() {
+        return None;
+    }
+    let mut v: u64 = 0;
+    for &c in digits {
+        let d = char::from(c).to_digit(radix)?;
+        v = v.checked_mul(u64::from(radix))?.checked_add(u64::from(d))?;
+    }
+    Some(v)
+}
+
+impl Config {
+    /// Parses the space-separated command line; keys other than `tg.*` ones are
+    /// ignored. No `tg.mode` means hello.
+    pub fn parse(cmdline: &[u8]) -> Result<Self, &'static str> {
+        let mut c = Self::default();
+        for word in cmdline.split(|b| b.is_ascii_whitespace()).filter(|w| !w.is_empty()) {
+            let Some(eq) = word.iter().position(|&b| b == b'=') else { continue };
+            let (key, val) = (&word[..eq], &word[eq + 1..]);
+            match key {
+                b"tg.mode" => {
+                    c.mode = match val {
+                        b"hello" => Mode::Hello,
+                        b"ready" => Mode::Ready,
+                        b"checksum" => Mode::Checksum,
+                        b"fork" => Mode::Fork,
+                        b"busy" => Mode::Busy,
+                        b"triplefault" => Mode::TripleFault,
+                        _ => return Err("unknown tg.mode"),
+                    }
+                }
+                b"tg.touch_mib" => {
+                    c.touch_mib = parse_u64(val)
+                        .filter(|&v| v <= TOUCH_MIB_MAX)
+                        .ok_or("tg.touch_mib must be a number of MiB below 16384")?;
+                }
+                b"tg.seed" => c.seed = parse_u64(val).ok_or("tg.seed must be a u64")?,
+                b"tg.tsc_khz" => {
+                    c.tsc_khz = Some(
+                        parse_u64(val)
+                            .filter(|&v| (1000..=100_000_000).contains(&v))
+                            .ok_or("tg.tsc_khz must be 1000..=100000000")?,
+                    );
+                }
+                b"tg.t_us" => {
+                    c.t_us = parse_u64(val)
+                        .filter(|&v| (1..=100).contains(&v))
+                        .ok_or("tg.t_us must be 1..=100")?;
+                }
+                b"tg.verbose" => c.verbose = val != b"0",
+                _ => {}
+            }
+        }
+        Ok(c)
+    }
+}

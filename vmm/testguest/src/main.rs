@@ -1,0 +1,135 @@
+//! Grove's freestanding x86-64 test guest.
+//!
+//! Booted like a Linux kernel through the 64-bit boot protocol (boot_params in
+//! RSI), it leaves CPL 0 after a few instructions (`boot.rs`) and does all of its
+//! work natively at CPL 3: it reads its `tg.*` command line and the e820 map from
+//! boot_params, writes and checksums memory, talks to the VMM over I/O ports and
+//! prints on COM1. The contract with the VMM is in `README.md`.
+
+#![no_std]
+#![no_main]
+
+mod boot;
+mod bootparams;
+mod io;
+mod region;
+
+use bootparams::{BootParams, Config, E820Entry, Mode, E820_MAX};
+use io::{inl, outb, rdtsc, Serial};
+use region::{Region, RegionError};
+
+/// TSC frequency assumed when neither `tg.tsc_khz` nor CPUID gives one.
+const DEFAULT_TSC_KHZ: u64 = 2_500_000;
+
+/// Entered at CPL 3 from the boot stub with the boot_params address.
+#[no_mangle]
+pub extern "C" fn rust_main(boot_params: u64) -> ! {
+    let bp = match BootParams::new(boot_params) {
+        Ok(bp) => bp,
+        Err(e) => fail(e),
+    };
+    let cfg = match Config::parse(bp.cmdline()) {
+        Ok(c) => c,
+        Err(e) => fail(e),
+    };
+    let mut e820 = [E820Entry::default(); E820_MAX];
+    let n = bp.e820(&mut e820);
+    let e820 = &e820[..n];
+
+    match cfg.mode {
+        Mode::Hello => {
+            print!("hello from the grove test guest (cpl3, {} e820 entries)\n", n);
+            io::reset()
+        }
+        Mode::TripleFault => {
+            print!("tg: triple fault requested\n");
+            io::triple_fault()
+        }
+        Mode::Checksum => {
+            let region = region_or_fail(e820, &cfg);
+            region.fill(cfg.seed);
+            print!("CHECKSUM=0x{:016x}\n", region.checksum());
+            io::reset()
+        }
+        Mode::Ready | Mode::Fork | Mode::Busy => {
+            let region = region_or_fail(e820, &cfg);
+            let tsc_khz = cfg.tsc_khz.or_else(io::tsc_khz_from_cpuid).unwrap_or(DEFAULT_TSC_KHZ);
+            if cfg.verbose {
+                print!(
+                    "tg: mode={:?} region={} bytes in {} chunks seed={} tsc_khz={} t_us={} \
+                     identity={} generation={}\n",
+                    cfg.mode,
+                    region.len(),
+                    region.chunks().len(),
+                    cfg.seed,
+                    tsc_khz,
+                    cfg.t_us,
+                    inl(io::IDENTITY),
+                    inl(io::GENERATION)
+                );
+            }
+            region.fill(cfg.seed);
+            outb(io::BOOT_TIMER, io::BOOT_TIMER_MAGIC);
+            Serial::write_bytes(b"READY\n");
+            t_loop(&region, cfg.mode, tsc_khz * cfg.t_us / 1000)
+        }
+    }
+}
+
+fn region_or_fail(e820: &[E820Entry], cfg: &Config) -> Region {
+    match Region::layout(e820, cfg.touch_mib << 20) {
+        Ok(r) => r,
+        Err(RegionError::TooSmall) => fail("tg.touch_mib does not fit in the RAM above 16 MiB"),
+        Err(RegionError::BeyondMap) => fail("the region reaches past 16 GiB (the guest's map)"),
+    }
+}
+
+/// Prints `T` every `period` TSC ticks, forever. Fork mode checks the identity
+/// port before each `T`; busy mode dirties pages round robin while it waits.
+/// A TSC that jumps (pause, restore) yields one `T` at once, never a burst or a
+/// long wait.
+fn t_loop(region: &Region, mode: Mode, period: u64) -> ! {
+    let mut last_id = 0u32;
+    let mut pages = region.page_cursor();
+    let mut counter = 0u64;
+    let mut last = rdtsc();
+    loop {
+        loop {
+            let now = rdtsc();
+            // A TSC that went backwards (restore) counts as "due" too.
+            if now.wrapping_sub(last) >= period || now < last {
+                last = now;
+                break;
+            }
+            if mode == Mode::Busy {
+                if let Some(page) = pages.next(region) {
+                    counter = counter.wrapping_add(1);
+                    region::poke_page(page, counter);
+                }
+            } else {
+                core::hint::spin_loop();
+            }
+        }
+        if mode == Mode::Fork {
+            let id = inl(io::IDENTITY);
+            if id != last_id {
+                last_id = id;
+                region.fill_first_page(u64::from(id));
+                print!("ID={} CHECKSUM=0x{:016x}\n", id, region.checksum());
+            }
+        }
+        outb(io::COM1, b'T');
+    }
+}
+
+/// Prints `tg: error: <why>` and triple-faults (the VMM reports the shutdown).
+fn fail(why: &str) -> ! {
+    print!("tg: error: {}\n", why);
+    io::triple_fault()
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    print!("tg: panic: {}\n", info);
+    io::triple_fault()
+}
