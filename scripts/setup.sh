@@ -10,7 +10,7 @@ APT_PACKAGES=(
   clang libclang-dev          # bindgen (userfaultfd, devicemapper-sys), BPF programs
   libdevmapper-dev            # devicemapper crate (dm-thin backend)
   e2fsprogs                   # mkfs.ext4 -d for root images and block-store tests
-  debootstrap cpio zstd xz-utils busybox-static   # guest images
+  debootstrap cpio zstd xz-utils lz4 busybox-static   # guest images
   qemu-system-x86             # the guest side under software emulation
   iproute2                    # netns/veth/tap for network tests
 )
