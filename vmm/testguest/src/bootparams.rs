@@ -106,11 +106,22 @@ pub struct Config {
     pub t_us: u64,
     /// Print a line with the settings before starting (`tg.verbose=1`).
     pub verbose: bool,
+    /// MMIO address of Firecracker's boot timer (`tg.mmio_boot_timer`), also written
+    /// with the magic byte before `READY`.
+    pub mmio_boot_timer: Option<u64>,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Self { mode: Mode::Hello, touch_mib: 0, seed: 0, tsc_khz: None, t_us: 50, verbose: false }
+        Self {
+            mode: Mode::Hello,
+            touch_mib: 0,
+            seed: 0,
+            tsc_khz: None,
+            t_us: 50,
+            verbose: false,
+            mmio_boot_timer: None,
+        }
     }
 }
 
@@ -173,6 +184,13 @@ impl Config {
                         .ok_or("tg.t_us must be 1..=100")?;
                 }
                 b"tg.verbose" => c.verbose = val != b"0",
+                b"tg.mmio_boot_timer" => {
+                    c.mmio_boot_timer = Some(
+                        parse_u64(val)
+                            .filter(|&a| (0xc000_0000..0x1_0000_0000).contains(&a) && a % 4096 == 0)
+                            .ok_or("tg.mmio_boot_timer must be a page in [3 GiB, 4 GiB)")?,
+                    );
+                }
                 _ => {}
             }
         }

@@ -38,6 +38,14 @@ pub fn inl(port: u16) -> u32 {
     val
 }
 
+/// Writes one byte to an MMIO address in the 32-bit gap (checked by the caller).
+pub fn mmio_write8(addr: u64, val: u8) {
+    // SAFETY: `Config::parse` only accepts a page-aligned address in [3 GiB, 4 GiB), the
+    // MMIO gap, which holds no RAM of this program; the identity map covers it, and the
+    // VMM handles (or rejects) the access.
+    unsafe { (addr as *mut u8).write_volatile(val) }
+}
+
 /// The time-stamp counter.
 #[inline(always)]
 pub fn rdtsc() -> u64 {

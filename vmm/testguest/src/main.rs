@@ -70,6 +70,9 @@ pub extern "C" fn rust_main(boot_params: u64) -> ! {
             }
             region.fill(cfg.seed);
             outb(io::BOOT_TIMER, io::BOOT_TIMER_MAGIC);
+            if let Some(addr) = cfg.mmio_boot_timer {
+                io::mmio_write8(addr, io::BOOT_TIMER_MAGIC);
+            }
             Serial::write_bytes(b"READY\n");
             t_loop(&region, cfg.mode, tsc_khz * cfg.t_us / 1000)
         }
