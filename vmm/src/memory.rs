@@ -1,0 +1,312 @@
+//! Guest RAM: where it sits in guest physical space, what backs it, how it is mapped.
+//!
+//! RAM is one linear byte range of `size` bytes ("RAM offset" 0..size). It is placed in guest
+//! physical space below the 32-bit MMIO gap and, for the part that does not fit, from 4 GiB on.
+//! Every region records its RAM offset, which is also its offset in the backing file: a memfd for
+//! a fresh boot, a snapshot layer file (MAP_PRIVATE) or anonymous memory (userfaultfd) on restore.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+use crate::layout::{MMIO_GAP_END, MMIO_GAP_START, PAGE_SIZE};
+
+/// Errors from setting up guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The size is not a positive multiple of the page size.
+    #[error("guest memory size {0:#x} is not a positive multiple of 4 KiB")]
+    BadSize(u64),
+    /// memfd_create or ftruncate failed.
+    #[error("cannot create the guest memory file")]
+    Memfd(#[source] std::io::Error),
+    /// mmap failed.
+    #[error("cannot map {len} bytes of guest memory")]
+    Mmap {
+        /// Length asked for.
+        len: u64,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// vm-memory refused the regions.
+    #[error("cannot build the guest memory map: {0}")]
+    Regions(String),
+    /// A guest physical range is not RAM.
+    #[error("guest range {gpa:#x}+{len:#x} is not RAM")]
+    NotRam {
+        /// Start.
+        gpa: u64,
+        /// Length.
+        len: u64,
+    },
+}
+
+/// One contiguous piece of guest RAM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RamRegion {
+    /// Guest physical address of the first byte.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Offset of the first byte in linear RAM (and in the backing file).
+    pub ram_offset: u64,
+}
+
+impl RamRegion {
+    /// One past the last guest physical address.
+    pub fn end(&self) -> u64 {
+        self.gpa + self.size
+    }
+}
+
+/// Splits `size` bytes of RAM around the 32-bit MMIO gap `[3 GiB, 4 GiB)`.
+pub fn ram_regions(size: u64) -> Result<Vec<RamRegion>, MemoryError> {
+    if size == 0 || size % PAGE_SIZE != 0 {
+        return Err(MemoryError::BadSize(size));
+    }
+    let low = size.min(MMIO_GAP_START);
+    let mut regions = vec![RamRegion { gpa: 0, size: low, ram_offset: 0 }];
+    if size > low {
+        regions.push(RamRegion { gpa: MMIO_GAP_END, size: size - low, ram_offset: low });
+    }
+    Ok(regions)
+}
+
+/// Guest physical address of a RAM offset, if it is inside `regions`.
+pub fn ram_offset_to_gpa(regions: &[RamRegion], off: u64) -> Option<u64> {
+    regions
+        .iter()
+        .find(|r| off >= r.ram_offset && off < r.ram_offset + r.size)
+        .map(|r| r.gpa + (off - r.ram_offset))
+}
+
+/// One host mapping, unmapped on drop when owned.
+#[derive(Debug)]
+pub struct Mapping {
+    addr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory; the pointer is only used to build vm-memory regions and
+// KVM memory slots, which do their own synchronisation (guest memory is shared with the guest
+// by design).
+unsafe impl Send for Mapping {}
+// SAFETY: as above; `Mapping` has no interior state besides the address and length.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `len` bytes of `fd` from `offset`, shared (writes reach the file) or private
+    /// (copy-on-write). MAP_NORESERVE: guest RAM is committed page by page as it is touched.
+    pub fn from_fd(fd: &File, offset: u64, len: u64, shared: bool) -> Result<Self, MemoryError> {
+        let flags = if shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
+        Self::map(fd.as_raw_fd(), offset, len, flags | libc::MAP_NORESERVE)
+    }
+
+    /// Anonymous private memory (used with userfaultfd on restore).
+    pub fn anonymous(len: u64) -> Result<Self, MemoryError> {
+        Self::map(-1, 0, len, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+    }
+
+    fn map(fd: i32, offset: u64, len: u64, flags: i32) -> Result<Self, MemoryError> {
+        let ulen = usize::try_from(len).map_err(|_| MemoryError::BadSize(len))?;
+        let off = libc::off_t::try_from(offset).map_err(|_| MemoryError::BadSize(offset))?;
+        // SAFETY: a fresh mapping (no MAP_FIXED) cannot alias any Rust object; the result is
+        // checked against MAP_FAILED below.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                ulen,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                fd,
+                off,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(MemoryError::Mmap { len, source: std::io::Error::last_os_error() });
+        }
+        Ok(Self { addr: addr.cast(), len: ulen })
+    }
+
+    /// Host address of the first byte.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.addr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the mapping is empty (never, for a built mapping).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `addr`/`len` describe a mapping this object created and nothing else unmaps.
+        // vm-memory regions built over it are dropped with the owning `GuestRam` first.
+        unsafe {
+            libc::munmap(self.addr.cast(), self.len);
+        }
+    }
+}
+
+/// The guest's RAM: the regions, their host mappings and the vm-memory view over them.
+#[derive(Debug)]
+pub struct GuestRam {
+    // Field order matters: `mem` (which points into `mappings`) is dropped first.
+    mem: GuestMemoryMmap,
+    regions: Vec<RamRegion>,
+    mappings: Vec<Mapping>,
+    file: Option<File>,
+}
+
+impl GuestRam {
+    /// Fresh RAM of `size` bytes, backed by a memfd mapped MAP_SHARED (so its pages can later
+    /// be written out or handed to another process by fd).
+    pub fn new_memfd(size: u64) -> Result<Self, MemoryError> {
+        let regions = ram_regions(size)?;
+        // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"grove-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size).map_err(MemoryError::Memfd)?;
+        let mappings = regions
+            .iter()
+            .map(|r| Mapping::from_fd(&file, r.ram_offset, r.size, true))
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::from_mappings(regions, mappings, Some(file))
+    }
+
+    /// RAM of `size` bytes over existing mappings, one per region of [`ram_regions`]`(size)`.
+    pub fn from_mappings(
+        regions: Vec<RamRegion>,
+        mappings: Vec<Mapping>,
+        file: Option<File>,
+    ) -> Result<Self, MemoryError> {
+        if regions.len() != mappings.len() {
+            return Err(MemoryError::Regions("one mapping per region needed".into()));
+        }
+        let mut vm_regions = Vec::with_capacity(regions.len());
+        for (r, m) in regions.iter().zip(&mappings) {
+            if u64::try_from(m.len()).ok() != Some(r.size) {
+                return Err(MemoryError::Regions(format!(
+                    "mapping of {} bytes for a region of {}",
+                    m.len(),
+                    r.size
+                )));
+            }
+            // SAFETY: `m` is a live mapping of exactly `m.len()` bytes owned by the returned
+            // `GuestRam`, which drops the vm-memory view before the mapping.
+            let builder = unsafe {
+                MmapRegionBuilder::new(m.len())
+                    .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                    .with_raw_mmap_pointer(m.as_ptr())
+            };
+            let region = builder.build().map_err(|e| MemoryError::Regions(e.to_string()))?;
+            let region = GuestRegionMmap::new(region, GuestAddress(r.gpa))
+                .ok_or_else(|| MemoryError::Regions("region overflows".into()))?;
+            vm_regions.push(region);
+        }
+        let mem = GuestMemoryMmap::from_regions(vm_regions)
+            .map_err(|e| MemoryError::Regions(e.to_string()))?;
+        Ok(Self { mem, regions, mappings, file })
+    }
+
+    /// The vm-memory view (for loaders and device code).
+    pub fn mem(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// The RAM regions, in guest physical order.
+    pub fn regions(&self) -> &[RamRegion] {
+        &self.regions
+    }
+
+    /// Host mapping of each region (same order as [`Self::regions`]).
+    pub fn mappings(&self) -> &[Mapping] {
+        &self.mappings
+    }
+
+    /// The backing file, when RAM is file backed.
+    pub fn file(&self) -> Option<&File> {
+        self.file.as_ref()
+    }
+
+    /// Total RAM bytes.
+    pub fn size(&self) -> u64 {
+        self.regions.iter().map(|r| r.size).sum()
+    }
+
+    /// Last RAM byte below the MMIO gap, plus one.
+    pub fn low_end(&self) -> u64 {
+        self.regions[0].end()
+    }
+
+    /// Host slice view of guest range (for dumping/inspection); `None` if not inside one region.
+    pub fn host_range(&self, gpa: u64, len: u64) -> Result<(*mut u8, usize), MemoryError> {
+        for (r, m) in self.regions.iter().zip(&self.mappings) {
+            if gpa >= r.gpa && gpa.checked_add(len).is_some_and(|e| e <= r.end()) {
+                let off = usize::try_from(gpa - r.gpa).map_err(|_| MemoryError::BadSize(gpa))?;
+                let ulen = usize::try_from(len).map_err(|_| MemoryError::BadSize(len))?;
+                // SAFETY: `off + len <= m.len()` was checked above.
+                return Ok((unsafe { m.as_ptr().add(off) }, ulen));
+            }
+        }
+        Err(MemoryError::NotRam { gpa, len })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemoryBackend};
+
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn small_ram_is_one_region() {
+        let r = ram_regions(256 * MIB).unwrap();
+        assert_eq!(r, vec![RamRegion { gpa: 0, size: 256 * MIB, ram_offset: 0 }]);
+    }
+
+    #[test]
+    fn ram_above_3g_is_split_around_the_gap() {
+        let r = ram_regions(5 * GIB).unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0], RamRegion { gpa: 0, size: 3 * GIB, ram_offset: 0 });
+        assert_eq!(r[1], RamRegion { gpa: 4 * GIB, size: 2 * GIB, ram_offset: 3 * GIB });
+        // Exactly 3 GiB: nothing above the gap.
+        assert_eq!(ram_regions(3 * GIB).unwrap().len(), 1);
+        assert_eq!(ram_offset_to_gpa(&r, 3 * GIB), Some(4 * GIB));
+        assert_eq!(ram_offset_to_gpa(&r, 5 * GIB), None);
+    }
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        assert!(ram_regions(0).is_err());
+        assert!(ram_regions(4097).is_err());
+    }
+
+    #[test]
+    fn memfd_ram_is_readable_and_split() {
+        let ram = GuestRam::new_memfd(3 * GIB + 8 * MIB).unwrap();
+        assert_eq!(ram.regions().len(), 2);
+        ram.mem().write_obj(0xdead_beef_u32, GuestAddress(4 * GIB)).unwrap();
+        let v: u32 = ram.mem().read_obj(GuestAddress(4 * GIB)).unwrap();
+        assert_eq!(v, 0xdead_beef);
+        // The gap is not RAM.
+        assert!(!ram.mem().address_in_range(GuestAddress(3 * GIB + 4096)));
+        assert!(ram.host_range(3 * GIB - 4096, 8192).is_err());
+    }
+}
