@@ -122,12 +122,21 @@ impl fmt::Display for HostReport {
         writeln!(f, "kernel      {}", self.kernel)?;
         let module = self.kvm.module.as_deref().unwrap_or("-");
         let kind = serde_json::to_value(self.kvm.kind).unwrap_or_default();
-        writeln!(f, "kvm         {} (module {module}): {}", kind.as_str().unwrap_or("?"), self.kvm.detail)?;
+        writeln!(
+            f,
+            "kvm         {} (module {module}): {}",
+            kind.as_str().unwrap_or("?"),
+            self.kvm.detail
+        )?;
         writeln!(f, "            {}", self.kvm.meaning)?;
         let missing: Vec<_> =
             self.kvm.capabilities.iter().filter(|(_, &ok)| !ok).map(|(n, _)| *n).collect();
         if missing.is_empty() {
-            writeln!(f, "            all {} capabilities the VMM needs are there", self.kvm.capabilities.len())?;
+            writeln!(
+                f,
+                "            all {} capabilities the VMM needs are there",
+                self.kvm.capabilities.len()
+            )?;
         } else {
             writeln!(f, "            MISSING capabilities: {}", missing.join(", "))?;
         }
@@ -342,7 +351,13 @@ fn userfaultfd_check() -> Check {
         unsafe {
             libc::close(fd as i32);
         }
-        (Status::Ok, format!("userfaultfd(2) works; /dev/userfaultfd {}", if dev { "present" } else { "absent" }))
+        (
+            Status::Ok,
+            format!(
+                "userfaultfd(2) works; /dev/userfaultfd {}",
+                if dev { "present" } else { "absent" }
+            ),
+        )
     } else {
         let err = std::io::Error::last_os_error();
         (Status::Missing, format!("userfaultfd(2) failed: {err}"))
@@ -357,7 +372,9 @@ fn userfaultfd_check() -> Check {
 
 fn kvm_report() -> KvmReport {
     let modules: Vec<String> = fs::read_dir("/sys/module")
-        .map(|d| d.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|d| {
+            d.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+        })
         .unwrap_or_default();
     let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let flags: Vec<&str> = cpuinfo
@@ -442,7 +459,9 @@ pub fn report() -> HostReport {
         },
         detail: match (&v2_controllers, hybrid) {
             (Some(c), _) => format!("unified hierarchy at /sys/fs/cgroup, controllers: {c}"),
-            (None, true) => "hybrid: cgroup v1 controllers, cgroup2 only at /sys/fs/cgroup/unified".into(),
+            (None, true) => {
+                "hybrid: cgroup v1 controllers, cgroup2 only at /sys/fs/cgroup/unified".into()
+            }
             (None, false) => "no cgroup2 mount found".into(),
         },
         why: "per-sandbox CPU, memory and pids limits use cgroup v2 controllers",
@@ -481,7 +500,9 @@ pub fn main(args: &[String]) -> i32 {
         match a.as_str() {
             "--json" => json = true,
             other => {
-                eprintln!("grove-vmm check-host: unknown flag '{other}' (usage: check-host [--json])");
+                eprintln!(
+                    "grove-vmm check-host: unknown flag '{other}' (usage: check-host [--json])"
+                );
                 return 2;
             }
         }
@@ -528,7 +549,9 @@ mod tests {
 
     #[test]
     fn kernel_config_parsing() {
-        let cfg = KernelConfig::parse("# comment\nCONFIG_A=y\nCONFIG_B=m\n# CONFIG_C is not set\nCONFIG_D=\"x\"\n");
+        let cfg = KernelConfig::parse(
+            "# comment\nCONFIG_A=y\nCONFIG_B=m\n# CONFIG_C is not set\nCONFIG_D=\"x\"\n",
+        );
         assert_eq!(cfg.get("A"), ConfigOpt::BuiltIn);
         assert_eq!(cfg.get("B"), ConfigOpt::Module);
         assert_eq!(cfg.get("C"), ConfigOpt::Off);
