@@ -10,7 +10,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use crate::layout::{
     CMDLINE_ADDR, CMDLINE_MAX, EBDA_START, HIMEM_START, PAGE_SIZE, ZERO_PAGE_ADDR,
 };
-use crate::memory::RamRegion;
+use crate::memory::{GuestRam, RamRegion};
 
 /// Default command line when none is given.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
@@ -298,6 +298,25 @@ pub fn write_boot_params(
     Ok(())
 }
 
+/// Loads kernel and initrd and writes the command line and zero page: everything the Linux
+/// boot protocol needs in guest memory. Returns the loaded kernel (entry point).
+pub fn prepare(
+    ram: &GuestRam,
+    kernel_path: &str,
+    initrd_path: Option<&str>,
+    cmdline: &str,
+) -> Result<LoadedKernel, BootError> {
+    let kernel = load_kernel(ram.mem(), kernel_path)?;
+    validate_cmdline(cmdline, cmdline_max(kernel.setup_header.as_ref()))?;
+    let initrd = match initrd_path {
+        Some(p) => Some(load_initrd(ram.mem(), p, &kernel, ram.low_end())?),
+        None => None,
+    };
+    let params = build_boot_params(&kernel, cmdline.len(), initrd, ram.regions())?;
+    write_boot_params(ram.mem(), &params, cmdline)?;
+    Ok(kernel)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -406,5 +425,151 @@ mod tests {
         let hdr = setup_header { initrd_addr_max: 0x37ff_ffff, ..Default::default() };
         assert_eq!(initrd_limit(2 * GIB, Some(&hdr)), 0x3800_0000);
         assert_eq!(initrd_limit(2 * GIB, None), 2 * GIB);
+    }
+}
+
+/// The Linux path, without running it: Debian's cloud kernel (scripts/fetch-kernel.sh) loaded
+/// as bzImage and as ELF vmlinux, and the zero page checked byte by byte.
+#[cfg(test)]
+mod linux_images {
+    use super::*;
+    use std::path::PathBuf;
+    use vm_memory::Bytes;
+
+    const MIB: u64 = 1 << 20;
+
+    fn kernel_dir() -> PathBuf {
+        std::env::var_os("GROVE_KERNEL_DIR").map_or_else(
+            || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../build/kernel"),
+            PathBuf::from,
+        )
+    }
+
+    fn image(name: &str) -> Option<String> {
+        let p = kernel_dir().join(name);
+        if p.is_file() {
+            Some(p.to_string_lossy().into_owned())
+        } else {
+            println!("skipped: no kernel at {}; run scripts/fetch-kernel.sh", p.display());
+            None
+        }
+    }
+
+    fn zero_page(ram: &GuestRam) -> Vec<u8> {
+        let mut b = vec![0u8; 4096];
+        ram.mem().read_slice(&mut b, GuestAddress(ZERO_PAGE_ADDR)).unwrap();
+        b
+    }
+
+    fn u32_at(b: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+    }
+
+    fn u64_at(b: &[u8], off: usize) -> u64 {
+        u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+    }
+
+    /// A small fake initrd file.
+    fn initrd_file() -> (tempfile::NamedTempFile, Vec<u8>) {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut f, &data).unwrap();
+        (f, data)
+    }
+
+    fn check_common(ram: &GuestRam, zp: &[u8], cmdline: &str, initrd: &[u8]) {
+        assert_eq!(zp[0x210], 0xff, "type_of_loader");
+        assert_eq!(u32_at(zp, 0x228), 0x20000, "cmd_line_ptr");
+        let mut c = vec![0u8; cmdline.len() + 1];
+        ram.mem().read_slice(&mut c, GuestAddress(CMDLINE_ADDR)).unwrap();
+        assert_eq!(&c[..cmdline.len()], cmdline.as_bytes());
+        assert_eq!(c[cmdline.len()], 0, "NUL terminated");
+        let rd_addr = u64::from(u32_at(zp, 0x218));
+        let rd_size = u32_at(zp, 0x21c);
+        assert_eq!(rd_size as usize, initrd.len());
+        assert_eq!(rd_addr % PAGE_SIZE, 0);
+        assert!(rd_addr + u64::from(rd_size) <= ram.low_end());
+        let mut back = vec![0u8; initrd.len()];
+        ram.mem().read_slice(&mut back, GuestAddress(rd_addr)).unwrap();
+        assert!(back == initrd, "initrd bytes in guest memory");
+        // e820: low RAM, RAM from 1 MiB to the top.
+        assert_eq!(zp[0x1e8], 2);
+        assert_eq!((u64_at(zp, 0x2d0), u64_at(zp, 0x2d8), u32_at(zp, 0x2e0)), (0, EBDA_START, 1));
+        assert_eq!(
+            (u64_at(zp, 0x2e4), u64_at(zp, 0x2ec), u32_at(zp, 0x2f4)),
+            (HIMEM_START, ram.size() - HIMEM_START, 1)
+        );
+    }
+
+    #[test]
+    fn bzimage_loads_with_its_setup_header() {
+        let Some(path) = image("bzImage") else { return };
+        let ram = GuestRam::new_anonymous(512 * MIB).unwrap();
+        let (rd, rd_data) = initrd_file();
+        let cmdline = "console=ttyS0 reboot=k panic=1";
+        let k = prepare(&ram, &path, Some(rd.path().to_str().unwrap()), cmdline).unwrap();
+        assert_eq!(k.format, KernelFormat::BzImage);
+        let zp = zero_page(&ram);
+        // The setup header (0x1f1..) is the file's, except the fields the loader sets.
+        let file = std::fs::read(&path).unwrap();
+        let hdr_end = 0x202 + usize::from(file[0x201]); // jump + header length
+        for off in 0x1f1..hdr_end {
+            let loader_set = (0x210..0x211).contains(&off)  // type_of_loader
+                || (0x214..0x218).contains(&off)            // code32_start
+                || (0x218..0x220).contains(&off)            // ramdisk
+                || (0x228..0x22c).contains(&off)            // cmd_line_ptr
+                || (0x238..0x23c).contains(&off); // cmdline_size
+            if !loader_set {
+                assert_eq!(zp[off], file[off], "setup header byte {off:#x}");
+            }
+        }
+        assert_eq!(u32_at(&zp, 0x202), HDRS_MAGIC);
+        assert_ne!(u16::from_le_bytes([zp[0x236], zp[0x237]]) & XLF_KERNEL_64, 0);
+        // Protected-mode code loaded at code32_start, entered 0x200 above it.
+        let code32 = u64::from(u32_at(&zp, 0x214));
+        assert_eq!(k.entry, code32 + 0x200);
+        let setup_sects = usize::from(file[0x1f1]).max(4);
+        let pm = &file[(setup_sects + 1) * 512..][..4096];
+        let mut got = vec![0u8; 4096];
+        ram.mem().read_slice(&mut got, GuestAddress(code32)).unwrap();
+        assert!(got == pm, "kernel bytes at code32_start");
+        check_common(&ram, &zp, cmdline, &rd_data);
+    }
+
+    #[test]
+    fn vmlinux_loads_at_its_physical_addresses() {
+        let Some(path) = image("vmlinux") else { return };
+        let ram = GuestRam::new_anonymous(512 * MIB).unwrap();
+        let (rd, rd_data) = initrd_file();
+        let cmdline = "console=ttyS0 panic=1 root=/dev/vda";
+        let k = prepare(&ram, &path, Some(rd.path().to_str().unwrap()), cmdline).unwrap();
+        assert_eq!(k.format, KernelFormat::Elf);
+        assert!(k.setup_header.is_none());
+        let file = std::fs::read(&path).unwrap();
+        let e_entry = u64_at(&file, 0x18);
+        assert_eq!(k.entry, e_entry);
+        // The first PT_LOAD segment's bytes are at its p_paddr.
+        let phoff = usize::try_from(u64_at(&file, 0x20)).unwrap();
+        let phnum = usize::from(u16::from_le_bytes([file[0x38], file[0x39]]));
+        let ph = (0..phnum)
+            .map(|i| &file[phoff + 56 * i..phoff + 56 * (i + 1)])
+            .find(|p| u32_at(p, 0) == 1 && u64_at(p, 32) > 0)
+            .expect("a PT_LOAD segment");
+        let (off, paddr) = (usize::try_from(u64_at(ph, 8)).unwrap(), u64_at(ph, 24));
+        let mut got = vec![0u8; 4096];
+        ram.mem().read_slice(&mut got, GuestAddress(paddr)).unwrap();
+        assert!(got == file[off..off + 4096], "segment bytes at p_paddr {paddr:#x}");
+        let zp = zero_page(&ram);
+        assert_eq!(u16::from_le_bytes([zp[0x1fe], zp[0x1ff]]), 0xaa55);
+        assert_eq!(u32_at(&zp, 0x202), HDRS_MAGIC);
+        check_common(&ram, &zp, cmdline, &rd_data);
+    }
+
+    #[test]
+    fn a_text_file_is_not_a_kernel() {
+        let readme = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+        let ram = GuestRam::new_anonymous(64 * MIB).unwrap();
+        let e = prepare(&ram, readme.to_str().unwrap(), None, "x").unwrap_err();
+        assert!(matches!(e, BootError::NotAKernel { .. }), "{e}");
     }
 }

@@ -187,6 +187,23 @@ impl GuestRam {
         Self::from_mappings(regions, mappings, Some(file))
     }
 
+    /// Fresh anonymous private RAM of `size` bytes, with transparent huge pages asked for
+    /// (MADV_HUGEPAGE). This is what a fresh boot uses: on this host (nested KVM, shadow
+    /// paging) a guest's first touch of a 2 MiB huge page costs about as much as one 4 KiB
+    /// page, so a test guest touching 64 MiB reaches READY in ~20-30 ms instead of ~170 ms.
+    /// Snapshots read the pages from this mapping; restores map layer files instead.
+    pub fn new_anonymous(size: u64) -> Result<Self, MemoryError> {
+        let regions = ram_regions(size)?;
+        let mappings =
+            regions.iter().map(|r| Mapping::anonymous(r.size)).collect::<Result<Vec<_>, _>>()?;
+        for m in &mappings {
+            // SAFETY: advice on a mapping we own; no memory is changed. Failure (THP compiled
+            // out) only loses the speed-up, so the result is ignored.
+            unsafe { libc::madvise(m.as_ptr().cast(), m.len(), libc::MADV_HUGEPAGE) };
+        }
+        Self::from_mappings(regions, mappings, None)
+    }
+
     /// RAM of `size` bytes over existing mappings, one per region of [`ram_regions`]`(size)`.
     pub fn from_mappings(
         regions: Vec<RamRegion>,

@@ -223,17 +223,10 @@ impl Vm {
         let cmdline = cfg.cmdline.clone().unwrap_or_else(|| boot::DEFAULT_CMDLINE.to_string());
         let out = SerialOut::open(&cfg.serial)?;
         let (kvm, fd) = create_kvm_vm()?;
-        let ram = GuestRam::new_memfd(cfg.mem_mib << 20)?;
+        let ram = GuestRam::new_anonymous(cfg.mem_mib << 20)?;
         set_memory_slots(&fd, &ram, false)?;
         timing::mark("guest memory mapped");
-        let kernel = boot::load_kernel(ram.mem(), &cfg.kernel)?;
-        let initrd = match &cfg.initrd {
-            Some(p) => Some(boot::load_initrd(ram.mem(), p, &kernel, ram.low_end())?),
-            None => None,
-        };
-        boot::validate_cmdline(&cmdline, boot::cmdline_max(kernel.setup_header.as_ref()))?;
-        let params = boot::build_boot_params(&kernel, cmdline.len(), initrd, ram.regions())?;
-        boot::write_boot_params(ram.mem(), &params, &cmdline)?;
+        let kernel = boot::prepare(&ram, &cfg.kernel, cfg.initrd.as_deref(), &cmdline)?;
         x86::write_boot_tables(ram.mem())?;
         x86::write_mptable(ram.mem(), cfg.vcpus)?;
         timing::mark("kernel loaded");
