@@ -40,8 +40,8 @@ if [ ! -f "$x/boot/vmlinuz-$kver" ]; then
   rm -rf "$x"
   dpkg-deb -x "$deb" "$x"
 fi
-cp "$x/boot/vmlinuz-$kver" "$OUT/bzImage"
-cp "$x/boot/config-$kver" "$OUT/config"
+cp -p "$x/boot/vmlinuz-$kver" "$OUT/bzImage"
+cp -p "$x/boot/config-$kver" "$OUT/config"
 
 # --- vmlinux: the kernel tree's scripts/extract-vmlinux, reimplemented -------------------
 # The bzImage header (boot protocol >= 2.08) says where the compressed payload is:

@@ -1,0 +1,93 @@
+//! guest-ctl: drives a guest agent over the guest protocol from a shell (smoke tests, debugging).
+//!
+//! ```text
+//! guest-ctl --connect tcp:127.0.0.1:7000 [--wait SECS] COMMAND
+//!   ping | info
+//!   exec ARG...             run, print stdout/stderr, exit with the process's code
+//!   write PATH              write stdin to PATH
+//!   read PATH               print PATH to stdout
+//!   poweroff | reboot
+//! ```
+//! `--wait` retries connect + hello until the agent answers (a booting guest).
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use grove_proto::client::GuestClient;
+use grove_proto::guest::PowerAction;
+
+fn die(msg: &str) -> ! {
+    eprintln!("guest-ctl: {msg}");
+    std::process::exit(1);
+}
+
+fn main() {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let mut addr = None;
+    let mut wait = 0u64;
+    while args.len() >= 2 && args[0].starts_with("--") {
+        let v = args.remove(1);
+        match args.remove(0).as_str() {
+            "--connect" => addr = Some(v),
+            "--wait" => wait = v.parse().unwrap_or_else(|_| die("bad --wait")),
+            o => die(&format!("unknown option {o}")),
+        }
+    }
+    let addr = addr.unwrap_or_else(|| die("--connect ADDR is required"));
+    if args.is_empty() {
+        die("no command");
+    }
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs(wait);
+    let mut c = loop {
+        match GuestClient::connect(&addr, Some(Duration::from_secs(60))) {
+            Ok(c) => break c,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            Err(e) => die(&format!(
+                "{e}: {}",
+                std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default()
+            )),
+        }
+    };
+    if wait > 0 {
+        eprintln!(
+            "guest-ctl: connected to {} after {} ms (guest uptime {} ms)",
+            c.hello.agent,
+            t0.elapsed().as_millis(),
+            c.hello.uptime_ms
+        );
+    }
+    let fail = |e: grove_proto::client::ClientError| -> ! { die(&e.to_string()) };
+    match args[0].as_str() {
+        "ping" => c.ping().unwrap_or_else(|e| fail(e)),
+        "info" => println!("{:#?}", c.info().unwrap_or_else(|e| fail(e))),
+        "exec" => {
+            let argv: Vec<&str> = args[1..].iter().map(String::as_str).collect();
+            let r = c.run(&argv).unwrap_or_else(|e| fail(e));
+            std::io::stdout().write_all(&r.stdout).ok();
+            std::io::stderr().write_all(&r.stderr).ok();
+            match (r.code(), r.signal()) {
+                (Some(code), _) => std::process::exit(code),
+                (_, Some(sig)) => die(&format!("killed by signal {sig}")),
+                _ => die("no exit status"),
+            }
+        }
+        "write" => {
+            let path = args.get(1).unwrap_or_else(|| die("write PATH"));
+            let mut data = Vec::new();
+            std::io::stdin().read_to_end(&mut data).unwrap_or_else(|e| die(&e.to_string()));
+            c.write_file(path, &data, 0).unwrap_or_else(|e| fail(e));
+        }
+        "read" => {
+            let path = args.get(1).unwrap_or_else(|| die("read PATH"));
+            let d = c.read_file(path).unwrap_or_else(|e| fail(e));
+            std::io::stdout().write_all(&d).ok();
+        }
+        "poweroff" => c.power(PowerAction::Poweroff).unwrap_or_else(|e| fail(e)),
+        "reboot" => c.power(PowerAction::Reboot).unwrap_or_else(|e| fail(e)),
+        o => die(&format!("unknown command {o}")),
+    }
+}
