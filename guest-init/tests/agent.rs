@@ -1,0 +1,641 @@
+//! The guest agent as an ordinary process on the host (`--agent-only`), driven through
+//! grove-proto's client over a unix socket.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use grove_proto::client::{ClientError, GuestClient};
+use grove_proto::frame::{self, MAX_FRAME_LEN};
+use grove_proto::guest::{
+    exec_exit, request, response, Cancel, EnvVar, ErrorCode, ExecResize, ExecSignal, ExecStart,
+    ExecStdin, FileKind, FileRead, FileWatch, FileWriteOpen, Hello, Ping, PostRestore, PtySize,
+    Request, User, WatchKind,
+};
+
+/// A running agent; killed (by its PID) and its directory removed on drop.
+struct Agent {
+    child: Child,
+    dir: tempfile::TempDir,
+    sock: PathBuf,
+}
+
+impl Agent {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        // Traversable by other users (the EACCES tests run processes as nobody).
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let sock = dir.path().join("agent.sock");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_guest-init"))
+            .args(["--agent-only", "--listen"])
+            .arg(format!("unix:{}", sock.display()))
+            .arg("--root")
+            .arg(&root)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert!(line.starts_with("listening unix:"), "{line}");
+        Self { child, dir, sock }
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    fn client(&self) -> GuestClient {
+        GuestClient::connect(
+            &format!("unix:{}", self.sock.display()),
+            Some(Duration::from_secs(30)),
+        )
+        .unwrap()
+    }
+
+    fn raw(&self) -> UnixStream {
+        let s = UnixStream::connect(&self.sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        s
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+}
+
+fn argv(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| (*s).to_string()).collect()
+}
+
+fn code(e: &ClientError) -> ErrorCode {
+    e.code().unwrap_or_else(|| panic!("not a guest error: {e:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_output_exit_code_env_cwd() {
+        let a = Agent::start();
+        let mut c = a.client();
+        assert!(!c.hello.pid1);
+        let r = c.run(&["sh", "-c", "echo out; echo err >&2; exit 7"]).unwrap();
+        assert_eq!(r.stdout, b"out\n");
+        assert_eq!(r.stderr, b"err\n");
+        assert_eq!(r.code(), Some(7));
+        assert!(r.pid > 0);
+
+        let r = c
+            .exec(
+                ExecStart {
+                    argv: argv(&["sh", "-c", "echo $FOO; pwd"]),
+                    env: vec![EnvVar { name: "FOO".into(), value: "bar baz".into() }],
+                    cwd: a.root().display().to_string(),
+                    ..Default::default()
+                },
+                None,
+            )
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(r.stdout.clone()).unwrap(),
+            format!("bar baz\n{}\n", a.root().display())
+        );
+        assert_eq!(r.code(), Some(0));
+
+        // A program that does not exist: an error reply, and the agent keeps serving.
+        let e = c.run(&["/nonexistent/program"]).unwrap_err();
+        assert_eq!(code(&e), ErrorCode::SpawnFailed);
+        assert!(matches!(e, ClientError::Guest { errno, .. } if errno == libc::ENOENT));
+        let e = c.run(&[]).unwrap_err();
+        assert_eq!(code(&e), ErrorCode::BadRequest);
+        c.ping().unwrap();
+    }
+
+    #[test]
+    fn exec_as_user() {
+        if !is_root() {
+            println!("skipped: switching users needs root");
+            return;
+        }
+        let a = Agent::start();
+        let mut c = a.client();
+        let r = c
+            .exec(
+                ExecStart {
+                    argv: argv(&["sh", "-c", "id -u; id -g"]),
+                    user: Some(User { name: String::new(), uid: Some(65534), gid: Some(65534) }),
+                    ..Default::default()
+                },
+                None,
+            )
+            .unwrap();
+        assert_eq!(r.stdout, b"65534\n65534\n");
+        // EACCES from inside the process: nobody cannot read a 0600 root file.
+        let secret = a.root().join("secret");
+        std::fs::write(&secret, "s").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let r = c
+            .exec(
+                ExecStart {
+                    argv: argv(&["cat", &secret.display().to_string()]),
+                    user: Some(User { name: String::new(), uid: Some(65534), gid: Some(65534) }),
+                    ..Default::default()
+                },
+                None,
+            )
+            .unwrap();
+        assert_eq!(r.code(), Some(1));
+        assert!(String::from_utf8_lossy(&r.stderr).contains("Permission denied"), "{r:?}");
+    }
+
+    #[test]
+    fn exec_stdin_large() {
+        let a = Agent::start();
+        let mut c = a.client();
+        let data: Vec<u8> = (0..3 * 1024 * 1024 + 17)
+            .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+            .collect();
+        let r =
+            c.exec(ExecStart { argv: argv(&["cat"]), ..Default::default() }, Some(&data)).unwrap();
+        assert_eq!(r.code(), Some(0));
+        assert_eq!(r.stdout.len(), data.len());
+        assert!(r.stdout == data);
+        // Empty stdin closes at once.
+        let r = c
+            .exec(ExecStart { argv: argv(&["wc", "-c"]), ..Default::default() }, Some(b""))
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&r.stdout).trim(), "0");
+    }
+
+    #[test]
+    fn exec_signal_and_timeout() {
+        let a = Agent::start();
+        let mut c = a.client();
+        let id = c
+            .send(request::Body::ExecStart(ExecStart {
+                argv: argv(&["sleep", "100"]),
+                ..Default::default()
+            }))
+            .unwrap();
+        let started = c.recv().unwrap();
+        assert!(matches!(started.body, Some(response::Body::ExecStarted(_))), "{started:?}");
+        c.send_with_id(id, request::Body::ExecSignal(ExecSignal { signal: libc::SIGTERM }))
+            .unwrap();
+        let r = c.collect_exec(id).unwrap();
+        assert_eq!(r.signal(), Some(libc::SIGTERM));
+        assert!(!r.exit.timed_out);
+
+        let r = c
+            .exec(
+                ExecStart { argv: argv(&["sleep", "100"]), timeout_ms: 300, ..Default::default() },
+                None,
+            )
+            .unwrap();
+        assert!(r.exit.timed_out);
+        assert_eq!(r.signal(), Some(libc::SIGKILL));
+        assert!(r.exit.duration_us >= 300_000);
+
+        // Signals and stdin for an id that is not a live exec.
+        c.send_with_id(999, request::Body::ExecSignal(ExecSignal { signal: 9 })).unwrap();
+        let e = c.recv().unwrap();
+        assert!(
+            matches!(e.body, Some(response::Body::Error(ref x)) if x.code() == ErrorCode::UnknownId),
+            "{e:?}"
+        );
+        assert_eq!(e.id, 999);
+
+        // Cancel kills the process; its ExecExit still arrives.
+        let id = c
+            .send(request::Body::ExecStart(ExecStart {
+                argv: argv(&["sleep", "100"]),
+                ..Default::default()
+            }))
+            .unwrap();
+        c.send_with_id(id, request::Body::Cancel(Cancel {})).unwrap();
+        let r = c.collect_exec(id);
+        // The Ok for the cancel is skipped by collect_exec only if it is not for this id; it is.
+        match r {
+            Err(ClientError::Unexpected(m)) => {
+                assert!(m.contains("Ok"), "{m}");
+                let r = c.collect_exec(id).unwrap();
+                assert_eq!(r.signal(), Some(libc::SIGKILL));
+            }
+            Ok(r) => assert_eq!(r.signal(), Some(libc::SIGKILL)),
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+
+    #[test]
+    fn exec_pty_and_resize() {
+        let a = Agent::start();
+        let mut c = a.client();
+        let r = c
+            .exec(
+                ExecStart {
+                    argv: argv(&[
+                        "sh",
+                        "-c",
+                        "stty size; [ -t 0 ] && [ -t 1 ] && echo isatty; echo to-stderr >&2",
+                    ]),
+                    pty: Some(PtySize { rows: 33, cols: 101 }),
+                    ..Default::default()
+                },
+                None,
+            )
+            .unwrap();
+        let out = String::from_utf8_lossy(&r.stdout);
+        assert!(out.contains("33 101"), "{out:?}");
+        assert!(out.contains("isatty"), "{out:?}");
+        assert!(out.contains("to-stderr"), "stderr goes to the terminal too: {out:?}");
+        assert!(r.stderr.is_empty());
+        assert_eq!(r.code(), Some(0));
+
+        // Resize while running, then let it print the new size.
+        let id = c
+            .send(request::Body::ExecStart(ExecStart {
+                argv: argv(&["sh", "-c", "read x; stty size"]),
+                pty: Some(PtySize { rows: 10, cols: 20 }),
+                stdin: true,
+                ..Default::default()
+            }))
+            .unwrap();
+        c.send_with_id(
+            id,
+            request::Body::ExecResize(ExecResize { size: Some(PtySize { rows: 40, cols: 120 }) }),
+        )
+        .unwrap();
+        c.send_with_id(
+            id,
+            request::Body::ExecStdin(ExecStdin { data: b"go\n".to_vec(), eof: false }),
+        )
+        .unwrap();
+        let r = c.collect_exec(id).unwrap();
+        let out = String::from_utf8_lossy(&r.stdout);
+        assert!(out.contains("40 120"), "{out:?}");
+        // Resizing a pipe-based exec is a bad request.
+        let id = c
+            .send(request::Body::ExecStart(ExecStart {
+                argv: argv(&["sleep", "1"]),
+                ..Default::default()
+            }))
+            .unwrap();
+        c.send_with_id(
+            id,
+            request::Body::ExecResize(ExecResize { size: Some(PtySize { rows: 1, cols: 1 }) }),
+        )
+        .unwrap();
+        let mut saw_error = false;
+        loop {
+            let r = c.recv().unwrap();
+            match r.body {
+                Some(response::Body::Error(e)) => {
+                    assert_eq!(e.code(), ErrorCode::BadRequest);
+                    saw_error = true;
+                }
+                Some(response::Body::ExecExit(e)) => {
+                    assert_eq!(e.status, Some(exec_exit::Status::Code(0)));
+                    break;
+                }
+                _ => {}
+            }
+        }
+        assert!(saw_error);
+    }
+
+    #[test]
+    fn exec_interleaved() {
+        let a = Agent::start();
+        let mut c = a.client();
+        let slow = c
+            .send(request::Body::ExecStart(ExecStart {
+                argv: argv(&["sh", "-c", "sleep 0.3; echo slow"]),
+                ..Default::default()
+            }))
+            .unwrap();
+        let fast = c
+            .send(request::Body::ExecStart(ExecStart {
+                argv: argv(&["echo", "fast"]),
+                ..Default::default()
+            }))
+            .unwrap();
+        let mut out = std::collections::HashMap::<u64, Vec<u8>>::new();
+        let mut exited = Vec::new();
+        let mut seqs = std::collections::HashMap::<u64, Vec<u64>>::new();
+        while exited.len() < 2 {
+            let r = c.recv().unwrap();
+            match r.body {
+                Some(response::Body::ExecOutput(o)) => {
+                    out.entry(r.id).or_default().extend_from_slice(&o.data);
+                    seqs.entry(r.id).or_default().push(o.seq);
+                }
+                Some(response::Body::ExecExit(_)) => exited.push(r.id),
+                _ => {}
+            }
+        }
+        assert_eq!(exited, vec![fast, slow]);
+        assert_eq!(out[&fast], b"fast\n");
+        assert_eq!(out[&slow], b"slow\n");
+        for s in seqs.values() {
+            let mut sorted = s.clone();
+            sorted.sort_unstable();
+            assert_eq!(&sorted, &(0..s.len() as u64).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn files_large_and_ops() {
+        let a = Agent::start();
+        let mut c = a.client();
+        let data: Vec<u8> = (0..5 * 1024 * 1024 + 3)
+            .map(|i: u32| (i.wrapping_mul(0x9E37_79B9) >> 24) as u8)
+            .collect();
+        assert_eq!(c.write_file("/big.bin", &data, 0o600).unwrap(), data.len() as u64);
+        let host = std::fs::read(a.root().join("big.bin")).unwrap();
+        assert!(host == data);
+        assert_eq!(
+            std::fs::metadata(a.root().join("big.bin")).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let back = c.read_file("/big.bin").unwrap();
+        assert!(back == data);
+        let part = c
+            .read_file_with(FileRead {
+                path: "/big.bin".into(),
+                offset: 1_000_000,
+                length: 700_000,
+                chunk_size: 4096,
+                user: None,
+            })
+            .unwrap();
+        assert!(part[..] == data[1_000_000..1_700_000]);
+        let st = c.stat("/big.bin").unwrap();
+        assert_eq!((st.size, st.kind(), st.mode), (data.len() as u64, FileKind::Regular, 0o600));
+        // Empty file.
+        c.write_file("/empty", b"", 0).unwrap();
+        assert_eq!(c.read_file("/empty").unwrap(), b"");
+
+        c.mkdir("/a/b/c", true).unwrap();
+        c.write_file_with(FileWriteOpen { path: "/a/b/c/f".into(), ..Default::default() }, b"1")
+            .unwrap();
+        c.write_file_with(
+            FileWriteOpen { path: "/a/b/c/f".into(), append: true, ..Default::default() },
+            b"2",
+        )
+        .unwrap();
+        assert_eq!(c.read_file("/a/b/c/f").unwrap(), b"12");
+        c.write_file_with(
+            FileWriteOpen { path: "/n/e/w".into(), mkdir_parents: true, ..Default::default() },
+            b"x",
+        )
+        .unwrap();
+        let names: Vec<String> = c.list("/").unwrap().into_iter().map(|e| e.name).collect();
+        assert_eq!(names, ["a", "big.bin", "empty", "n"]);
+        c.rename("/a/b/c/f", "/moved").unwrap();
+        assert_eq!(c.read_file("/moved").unwrap(), b"12");
+        assert_eq!(code(&c.remove("/a", false).unwrap_err()), ErrorCode::AlreadyExists); // ENOTEMPTY
+        c.remove("/a", true).unwrap();
+        assert!(!a.root().join("a").exists());
+        std::os::unix::fs::symlink("moved", a.root().join("link")).unwrap();
+        let st = c.stat("/link").unwrap();
+        assert_eq!((st.kind(), st.symlink_target.as_str()), (FileKind::Symlink, "moved"));
+        // A listing larger than one batch.
+        c.mkdir("/many", false).unwrap();
+        for i in 0..2500 {
+            std::fs::write(a.root().join(format!("many/{i:05}")), "").unwrap();
+        }
+        let l = c.list("/many").unwrap();
+        assert_eq!(l.len(), 2500);
+        assert_eq!(l[2499].name, "02499");
+    }
+
+    #[test]
+    fn file_errors() {
+        let a = Agent::start();
+        let mut c = a.client();
+        assert_eq!(code(&c.read_file("/missing").unwrap_err()), ErrorCode::NotFound);
+        assert_eq!(code(&c.stat("/missing/x").unwrap_err()), ErrorCode::NotFound);
+        c.mkdir("/d", false).unwrap();
+        assert_eq!(code(&c.mkdir("/d", false).unwrap_err()), ErrorCode::AlreadyExists);
+        assert_eq!(code(&c.read_file("/d").unwrap_err()), ErrorCode::IsADirectory);
+        c.write_file("/f", b"x", 0).unwrap();
+        assert_eq!(code(&c.list("/f").unwrap_err()), ErrorCode::NotADirectory);
+        assert_eq!(code(&c.remove("/", true).unwrap_err()), ErrorCode::BadRequest);
+
+        // Escaping the allowed root, lexically and through symlinks.
+        std::os::unix::fs::symlink("/etc", a.root().join("etc-link")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", a.root().join("passwd-link")).unwrap();
+        for p in [
+            "/../etc/passwd",
+            "../../etc/hostname",
+            "/d/../../x",
+            "/etc-link/passwd",
+            "/passwd-link",
+        ] {
+            assert_eq!(code(&c.read_file(p).unwrap_err()), ErrorCode::OutsideRoot, "{p}");
+        }
+        assert_eq!(
+            code(&c.write_file("/etc-link/grove-test", b"x", 0).unwrap_err()),
+            ErrorCode::OutsideRoot
+        );
+        assert!(!Path::new("/etc/grove-test").exists());
+        assert_eq!(code(&c.list("/etc-link").unwrap_err()), ErrorCode::OutsideRoot);
+        assert_eq!(code(&c.rename("/f", "/../f").unwrap_err()), ErrorCode::OutsideRoot);
+        assert_eq!(code(&c.mkdir("/etc-link/x", true).unwrap_err()), ErrorCode::OutsideRoot);
+        // The link itself lives inside the root: stat and remove act on it, not on /etc.
+        assert_eq!(c.stat("/etc-link").unwrap().kind(), FileKind::Symlink);
+        c.remove("/etc-link", true).unwrap();
+        assert!(Path::new("/etc/passwd").exists());
+
+        if !is_root() {
+            println!("skipped: EACCES checks need root (to act as another user)");
+            return;
+        }
+        // EACCES: file operations as nobody (per-thread fsuid) on root-owned files.
+        let nobody = Some(User { name: String::new(), uid: Some(65534), gid: Some(65534) });
+        std::fs::write(a.root().join("secret"), "s").unwrap();
+        std::fs::set_permissions(a.root().join("secret"), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+        let e = c
+            .read_file_with(FileRead {
+                path: "/secret".into(),
+                user: nobody.clone(),
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert_eq!(code(&e), ErrorCode::PermissionDenied);
+        assert!(matches!(e, ClientError::Guest { errno, .. } if errno == libc::EACCES));
+        let e = c
+            .write_file_with(
+                FileWriteOpen { path: "/d/new".into(), user: nobody.clone(), ..Default::default() },
+                b"x",
+            )
+            .unwrap_err();
+        assert_eq!(code(&e), ErrorCode::PermissionDenied);
+        assert!(!a.root().join("d/new").exists());
+        // The same thread serves the next request with full rights again.
+        assert_eq!(c.read_file("/secret").unwrap(), b"s");
+        // And nobody may write where nobody owns the directory.
+        std::fs::set_permissions(a.root().join("d"), std::fs::Permissions::from_mode(0o777))
+            .unwrap();
+        c.write_file_with(
+            FileWriteOpen { path: "/d/new".into(), user: nobody, ..Default::default() },
+            b"x",
+        )
+        .unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(a.root().join("d/new")).unwrap().uid(), 65534);
+    }
+
+    #[test]
+    fn watch_directory() {
+        let a = Agent::start();
+        let mut c = a.client();
+        c.mkdir("/w", false).unwrap();
+        let id = c.send(request::Body::Watch(FileWatch { path: "/w".into() })).unwrap();
+        assert!(matches!(c.recv().unwrap().body, Some(response::Body::Ok(_))));
+        std::fs::write(a.root().join("w/new"), "x").unwrap();
+        std::fs::remove_file(a.root().join("w/new")).unwrap();
+        let mut kinds = Vec::new();
+        while !kinds.contains(&WatchKind::Removed) {
+            let r = c.recv().unwrap();
+            assert_eq!(r.id, id);
+            if let Some(response::Body::WatchEvent(e)) = r.body {
+                assert_eq!(e.name, "new");
+                kinds.push(e.kind());
+            }
+        }
+        assert_eq!(kinds[0], WatchKind::Created);
+        c.send_with_id(id, request::Body::Cancel(Cancel {})).unwrap();
+        loop {
+            if let Some(response::Body::Ok(_)) = c.recv().unwrap().body {
+                break;
+            }
+        }
+        let id = c.send(request::Body::Watch(FileWatch { path: "/nope".into() })).unwrap();
+        let r = c.recv().unwrap();
+        assert_eq!(r.id, id);
+        assert!(
+            matches!(r.body, Some(response::Body::Error(ref e)) if e.code() == ErrorCode::NotFound),
+            "{r:?}"
+        );
+    }
+
+    fn recv_error(s: &mut UnixStream) -> (u64, ErrorCode) {
+        let p = frame::read_frame(s).unwrap();
+        let r = frame::decode_response(&p).unwrap();
+        match r.body {
+            Some(response::Body::Error(e)) => (r.id, e.code()),
+            o => panic!("expected an error, got {o:?}"),
+        }
+    }
+
+    fn hello_req(magic: u32, version: u32) -> Request {
+        Request {
+            id: 1,
+            body: Some(request::Body::Hello(Hello { magic, version, client: "raw".into() })),
+        }
+    }
+
+    #[test]
+    fn malformed_frames_get_errors_and_the_agent_keeps_serving() {
+        let a = Agent::start();
+        let mut s = a.raw();
+        // Before hello.
+        frame::write_frame(&mut s, &Request { id: 5, body: Some(request::Body::Ping(Ping {})) })
+            .unwrap();
+        assert_eq!(recv_error(&mut s), (5, ErrorCode::Protocol));
+        // Wrong magic, wrong version.
+        frame::write_frame(&mut s, &hello_req(0xdead_beef, 1)).unwrap();
+        assert_eq!(recv_error(&mut s), (1, ErrorCode::Protocol));
+        frame::write_frame(&mut s, &hello_req(grove_proto::GUEST_MAGIC, 99)).unwrap();
+        assert_eq!(recv_error(&mut s), (1, ErrorCode::Protocol));
+        frame::write_frame(&mut s, &hello_req(grove_proto::GUEST_MAGIC, 1)).unwrap();
+        let h = frame::decode_response(&frame::read_frame(&mut s).unwrap()).unwrap();
+        assert!(
+            matches!(h.body, Some(response::Body::Hello(ref r)) if r.max_frame_len == MAX_FRAME_LEN)
+        );
+
+        // Garbage payload.
+        let garbage = [0xffu8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+        s.write_all(&u32::try_from(garbage.len()).unwrap().to_le_bytes()).unwrap();
+        s.write_all(&garbage).unwrap();
+        assert_eq!(recv_error(&mut s), (0, ErrorCode::BadFrame));
+        // A truncated message: field 2 (hello) claims 50 bytes, 3 follow.
+        let trunc = [0x08, 0x07, 0x12, 50, 1, 2, 3];
+        s.write_all(&u32::try_from(trunc.len()).unwrap().to_le_bytes()).unwrap();
+        s.write_all(&trunc).unwrap();
+        assert_eq!(recv_error(&mut s), (0, ErrorCode::BadFrame));
+        // An empty request (no body).
+        frame::write_frame(&mut s, &Request { id: 9, body: None }).unwrap();
+        assert_eq!(recv_error(&mut s), (9, ErrorCode::BadRequest));
+        // Oversized: the payload is skipped, the stream stays in sync.
+        let len = MAX_FRAME_LEN + 1;
+        s.write_all(&len.to_le_bytes()).unwrap();
+        let writer = {
+            let mut w = s.try_clone().unwrap();
+            std::thread::spawn(move || {
+                w.write_all(&vec![0x5a; len as usize]).unwrap();
+            })
+        };
+        assert_eq!(recv_error(&mut s), (0, ErrorCode::FrameTooLarge));
+        writer.join().unwrap();
+        frame::write_frame(&mut s, &Request { id: 10, body: Some(request::Body::Ping(Ping {})) })
+            .unwrap();
+        let r = frame::decode_response(&frame::read_frame(&mut s).unwrap()).unwrap();
+        assert_eq!(r.id, 10);
+        assert!(matches!(r.body, Some(response::Body::Pong(_))));
+
+        // A connection that dies inside a frame does not take the agent down.
+        let mut t = a.raw();
+        t.write_all(&100u32.to_le_bytes()).unwrap();
+        t.write_all(&[1, 2, 3]).unwrap();
+        drop(t);
+        let mut c = a.client();
+        c.ping().unwrap();
+        assert_eq!(c.run(&["true"]).unwrap().code(), Some(0));
+    }
+
+    #[test]
+    fn info_post_restore_and_power() {
+        let a = Agent::start();
+        let mut c = a.client();
+        let i = c.info().unwrap();
+        assert!(i.mem_total > 0 && i.mem_available <= i.mem_total);
+        assert!(i.disk_total > 0 && i.uptime_ms > 0 && !i.kernel.is_empty());
+        // Machine-wide steps are refused outside a guest; entropy too large is a bad request.
+        let e = c
+            .post_restore(PostRestore { wall_clock_ns: Some(0), ..Default::default() })
+            .unwrap_err();
+        assert_eq!(code(&e), ErrorCode::Unsupported);
+        let e = c
+            .post_restore(PostRestore { entropy: vec![0; 5000], ..Default::default() })
+            .unwrap_err();
+        assert_eq!(code(&e), ErrorCode::BadRequest);
+        if is_root() {
+            // Adding entropy and reseeding is harmless on the host.
+            c.post_restore(PostRestore { entropy: vec![7; 64], ..Default::default() }).unwrap();
+        }
+        // In agent-only mode, poweroff ends the agent process.
+        let mut a = a;
+        c.power(grove_proto::guest::PowerAction::Poweroff).unwrap();
+        let st = a.child.wait().unwrap();
+        assert!(st.success());
+    }
+}
