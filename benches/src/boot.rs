@@ -134,7 +134,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
 
     let mut samples = Vec::with_capacity(runs);
     for i in 0..runs {
-        let s = boot_once(&vmm, &vmm_args).map_err(|e| format!("run {}: {e}", i + 1))?;
+        let s = boot_once(&vmm, &vmm_args, mem_mib).map_err(|e| format!("run {}: {e}", i + 1))?;
         if !json {
             eprintln!(
                 "run {:>3}: READY {:8.3} ms  boot-timer (VMM) {}  RSS {:.1} MiB",
@@ -205,8 +205,9 @@ fn summarise(samples: &[Sample], conditions: Conditions) -> Report {
         ),
         rss_method:
             "VmRSS from /proc/PID/status once the guest prints T; guest memory = sum of Rss \
-                     of the memfd:grove-guest-ram mappings in /proc/PID/smaps; VMM beside guest = \
-                     VmRSS - guest memory",
+                     of the guest-RAM mappings in /proc/PID/smaps (anonymous mappings the size of \
+                     a RAM region, or memfd:grove-guest-ram ones); VMM beside guest = VmRSS - \
+                     guest memory",
     }
 }
 
@@ -237,7 +238,7 @@ fn print_text(r: &Report) {
 }
 
 /// One boot: spawn, wait for READY and some Ts, read RSS, kill.
-fn boot_once(vmm: &Path, args: &[&str]) -> Result<Sample, String> {
+fn boot_once(vmm: &Path, args: &[&str], mem_mib: u64) -> Result<Sample, String> {
     let t0 = Instant::now();
     let child = Command::new(vmm)
         .args(args)
@@ -275,7 +276,7 @@ fn boot_once(vmm: &Path, args: &[&str]) -> Result<Sample, String> {
             Err(RecvTimeoutError::Disconnected) => break,
         }
     }
-    let rss = read_rss(pid);
+    let rss = read_rss(pid, mem_mib);
     // Kill (by PID) before draining stderr, so the reader sees EOF.
     drop(guard);
     let err_lines: Vec<(Instant, String)> = err_rx.try_iter().collect();
@@ -312,7 +313,7 @@ fn number_before_ms(s: &str) -> Option<f64> {
 }
 
 /// (VmRSS, guest-memory Rss) in KiB.
-fn read_rss(pid: u32) -> Result<(u64, Option<u64>), String> {
+fn read_rss(pid: u32, mem_mib: u64) -> Result<(u64, Option<u64>), String> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(|e| format!("read /proc/{pid}/status: {e}"))?;
     let vm_rss = status
@@ -321,24 +322,45 @@ fn read_rss(pid: u32) -> Result<(u64, Option<u64>), String> {
         .and_then(parse_kib)
         .ok_or("no VmRSS in /proc/PID/status")?;
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
-    Ok((vm_rss, guest_rss_from_smaps(&smaps)))
+    Ok((vm_rss, guest_rss_from_smaps(&smaps, &ram_region_kib(mem_mib))))
 }
 
-/// Sum of `Rss:` over the mappings named like the VMM's guest RAM.
-fn guest_rss_from_smaps(smaps: &str) -> Option<u64> {
+/// Sum of `Rss:` over the guest-RAM mappings: those named like the VMM's guest-RAM
+/// memfd, or anonymous mappings whose size is one of `ram_kib` (the RAM regions:
+/// the VMM maps each region separately, anonymous + THP on a fresh boot).
+fn guest_rss_from_smaps(smaps: &str, ram_kib: &[u64]) -> Option<u64> {
     let mut total = None;
-    let mut in_guest = false;
+    let mut named = false;
+    let mut anon = false;
+    let mut is_guest = false;
     for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or("");
         if first.contains('-') && first.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
-            in_guest = line.contains(GUEST_RAM_MAPPING);
-        } else if in_guest {
+            // "start-end perms offset dev inode [path]"
+            let path = fields.nth(4).unwrap_or("");
+            named = line.contains(GUEST_RAM_MAPPING);
+            anon = path.is_empty();
+            is_guest = named;
+        } else if let Some(v) = line.strip_prefix("Size:").and_then(parse_kib) {
+            is_guest = named || (anon && ram_kib.contains(&v));
+        } else if is_guest {
             if let Some(v) = line.strip_prefix("Rss:").and_then(parse_kib) {
                 *total.get_or_insert(0) += v;
             }
         }
     }
     total
+}
+
+/// Sizes in KiB of the RAM regions of a `mem_mib` guest split at 3 GiB, and the whole.
+fn ram_region_kib(mem_mib: u64) -> Vec<u64> {
+    let low = mem_mib.min(3072);
+    let mut v = vec![low * 1024, mem_mib * 1024];
+    if mem_mib > 3072 {
+        v.push((mem_mib - 3072) * 1024);
+    }
+    v
 }
 
 fn parse_kib(v: &str) -> Option<u64> {
@@ -474,11 +496,16 @@ Rss:               66000 kB
 7f0020000000-7f0020001000 r-xp 00000000 08:01 7 /usr/bin/grove-vmm
 Size:                  4 kB
 Rss:                   4 kB
-7f0030000000-7f0040000000 rw-s 10000000 00:01 5 /memfd:grove-guest-ram (deleted)
+7f0030000000-7f0040000000 rw-p 00000000 00:00 0 
 Size:             262144 kB
 Rss:                 100 kB
+7f0050000000-7f0050100000 rw-p 00000000 00:00 0 
+Size:               1024 kB
+Rss:                  16 kB
 ";
-        assert_eq!(guest_rss_from_smaps(smaps), Some(66100));
-        assert_eq!(guest_rss_from_smaps("55-66 r-xp 0 0:0 1 /bin/x\nRss: 4 kB\n"), None);
+        assert_eq!(guest_rss_from_smaps(smaps, &ram_region_kib(256)), Some(66100));
+        assert_eq!(guest_rss_from_smaps(smaps, &ram_region_kib(512)), Some(66000));
+        assert_eq!(guest_rss_from_smaps("55-66 r-xp 0 0:0 1 /bin/x\nRss: 4 kB\n", &[4]), None);
+        assert_eq!(ram_region_kib(4096), vec![3072 * 1024, 4096 * 1024, 1024 * 1024]);
     }
 }
