@@ -63,7 +63,7 @@ tmpimg="$OUTIMG.tmp"
 rm -f "$tmpimg"
 truncate -s "$SIZE" "$tmpimg"
 mkfs.ext4 -q -F -L grove-root -E root_owner=0:0 -d "$TREE" "$tmpimg" \
-  -e remount-ro -O ^has_journal 2>&1 | grep -v '^$' >&2 || true
+  -e remount-ro 2>&1 | grep -v '^$' >&2 || true
 [ -s "$tmpimg" ] && e2fsck -fn "$tmpimg" >/dev/null 2>&1 || { echo "build-rootfs: mkfs.ext4 -d failed" >&2; exit 1; }
 mv "$tmpimg" "$OUTIMG"
 echo "build-rootfs: $(du -sh "$TREE" | cut -f1) tree packed into $SIZE image" >&2
