@@ -158,8 +158,27 @@ pub fn read(conn: &Conn, id: u64, req: &FileRead) -> Result<(), AgentError> {
         f
     };
     f.seek(SeekFrom::Start(req.offset)).map_err(|e| AgentError::os("seek", e))?;
-    let mut left = if req.length == 0 { u64::MAX } else { req.length };
-    let mut offset = req.offset;
+    // Stream on a helper thread: a large read must not hold up the connection's other
+    // operations. The file is already open, so the permission check happened as `user`.
+    let out = conn.out.clone();
+    let (offset, length, path) = (req.offset, req.length, req.path.clone());
+    std::thread::spawn(move || {
+        if let Err(e) = stream_file(&mut f, offset, length, chunk, id, &out) {
+            out.error(id, &AgentError::os(format!("read {path}"), e));
+        }
+    });
+    Ok(())
+}
+
+fn stream_file(
+    f: &mut File,
+    mut offset: u64,
+    length: u64,
+    chunk: usize,
+    id: u64,
+    out: &super::Out,
+) -> std::io::Result<()> {
+    let mut left = if length == 0 { u64::MAX } else { length };
     let mut buf = vec![0u8; chunk];
     loop {
         let want = usize::try_from(left.min(chunk as u64)).unwrap_or(chunk);
@@ -169,14 +188,14 @@ pub fn read(conn: &Conn, id: u64, req: &FileRead) -> Result<(), AgentError> {
                 Ok(0) => break,
                 Ok(k) => n += k,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(AgentError::os(format!("read {}", req.path), e)),
+                Err(e) => return Err(e),
             }
         }
         left -= n as u64;
         let eof = n < want || left == 0;
         let msg = FileChunk { offset, data: buf[..n].to_vec(), eof };
         offset += n as u64;
-        if !conn.out.send(id, response::Body::Chunk(msg)) || eof {
+        if !out.send(id, response::Body::Chunk(msg)) || eof {
             return Ok(());
         }
     }
