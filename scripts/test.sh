@@ -12,5 +12,10 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== test guest" >&2
 GROVE_TESTGUEST="$(scripts/build-testguest.sh | tail -1)"
 export GROVE_TESTGUEST
+echo "== guest kernel + initramfs (scripts/fetch-kernel.sh)" >&2
+scripts/fetch-kernel.sh
 echo "== cargo test" >&2
 cargo test --workspace --release 2>&1 | tee /tmp/grove-cargo-test.log
+echo "== guest root image + QEMU smoke test (tcg)" >&2
+scripts/build-rootfs.sh
+scripts/qemu-smoke.sh
