@@ -47,6 +47,9 @@ pub extern "C" fn rust_main(boot_params: u64) -> ! {
         }
         Mode::Checksum => {
             let region = region_or_fail(e820, &cfg);
+            if cfg.verbose {
+                print_region(&region);
+            }
             region.fill(cfg.seed);
             print!("CHECKSUM=0x{:016x}\n", region.checksum());
             io::reset()
@@ -67,6 +70,7 @@ pub extern "C" fn rust_main(boot_params: u64) -> ! {
                     inl(io::IDENTITY),
                     inl(io::GENERATION)
                 );
+                print_region(&region);
             }
             region.fill(cfg.seed);
             outb(io::BOOT_TIMER, io::BOOT_TIMER_MAGIC);
@@ -85,6 +89,15 @@ fn region_or_fail(e820: &[E820Entry], cfg: &Config) -> Region {
         Err(RegionError::TooSmall) => fail("tg.touch_mib does not fit in the RAM above 16 MiB"),
         Err(RegionError::BeyondMap) => fail("the region reaches past 16 GiB (the guest's map)"),
     }
+}
+
+/// Prints the region's chunks: `tg: region 0x<start>+0x<len> ...`.
+fn print_region(region: &Region) {
+    print!("tg: region");
+    for &(start, len) in region.chunks() {
+        print!(" {:#x}+{:#x}", start, len);
+    }
+    print!("\n");
 }
 
 /// Prints `T` every `period` TSC ticks, forever. Fork mode checks the identity
