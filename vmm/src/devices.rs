@@ -232,6 +232,16 @@ impl PortBus {
         self.identity.store(v, Ordering::SeqCst);
     }
 
+    /// The identity returned on port 0x444.
+    pub fn identity(&self) -> u32 {
+        self.identity.load(Ordering::SeqCst)
+    }
+
+    /// The generation returned on port 0x448.
+    pub fn generation(&self) -> u32 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
     /// Sets the generation returned on port 0x448.
     pub fn set_generation(&self, v: u32) {
         self.generation.store(v, Ordering::SeqCst);

@@ -1,29 +1,31 @@
 //! `grove-vmm`: run a guest, restore a snapshot, or check the host.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use grove_vmm::cli;
+use grove_vmm::snapshot::{self, RestoreConfig};
 use grove_vmm::vcpu::VmExit;
 use grove_vmm::vm::Vm;
-
-/// One line: the error and its sources joined with ": ".
-fn one_line(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        src = c.source();
-    }
-    s.replace('\n', " ")
-}
+use grove_vmm::{api, cli, one_line};
 
 fn fail(msg: &str) -> ExitCode {
     eprintln!("grove-vmm: error: {msg}");
     ExitCode::from(1)
+}
+
+fn serve(mut vm: Vm, api_sock: Option<&str>) -> ExitCode {
+    if let Some(path) = api_sock {
+        if let Err(e) = api::start(path, vm.event_sender()) {
+            return fail(&one_line(&e));
+        }
+    }
+    match vm.run_until_exit() {
+        VmExit::Reset => ExitCode::SUCCESS,
+        VmExit::Error(msg) => match vm.page_server_failure() {
+            Some(pf) => fail(&format!("{msg}; page server failed: {pf}")),
+            None => fail(&msg),
+        },
+    }
 }
 
 fn run(args: &[String]) -> ExitCode {
@@ -31,20 +33,27 @@ fn run(args: &[String]) -> ExitCode {
         Ok(a) => a,
         Err(e) => return fail(&one_line(&e)),
     };
-    if a.api_sock.is_some() {
-        return fail("--api-sock is not available in this build");
+    match Vm::boot(&a.vm) {
+        Ok(vm) => serve(vm, a.api_sock.as_deref()),
+        Err(e) => fail(&one_line(&e)),
     }
-    let vm = match Vm::boot(&a.vm) {
-        Ok(vm) => vm,
-        Err(e) => return fail(&one_line(&e)),
-    };
-    finish(vm.wait_exit())
 }
 
-fn finish(exit: VmExit) -> ExitCode {
-    match exit {
-        VmExit::Reset => ExitCode::SUCCESS,
-        VmExit::Error(msg) => fail(&msg),
+fn restore(args: &[String]) -> ExitCode {
+    let a = match cli::parse_restore(args) {
+        Ok(a) => a,
+        Err(e) => return fail(&one_line(&e)),
+    };
+    let cfg = RestoreConfig {
+        dir: PathBuf::from(&a.snapshot),
+        mem_mode: a.mem_mode,
+        identity: a.identity,
+        serial: a.serial.clone(),
+        dirty_logging: a.api_sock.is_some(),
+    };
+    match snapshot::restore(&cfg) {
+        Ok(vm) => serve(vm, a.api_sock.as_deref()),
+        Err(e) => fail(&one_line(&e)),
     }
 }
 
@@ -53,6 +62,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("run") => run(&args[1..]),
+        Some("restore") => restore(&args[1..]),
         Some("check-host") => {
             let code = grove_vmm::hostcheck::main(&args[1..]);
             ExitCode::from(u8::try_from(code).unwrap_or(1))
@@ -62,7 +72,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(other) => {
-            fail(&format!("unknown command {other:?}\n{}", cli::USAGE).replace('\n', "; "))
+            fail(&format!("unknown command {other:?} (commands: run, restore, check-host)"))
         }
         None => {
             eprintln!("{}", cli::USAGE);

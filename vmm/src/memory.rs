@@ -157,15 +157,32 @@ impl Drop for Mapping {
     }
 }
 
+/// Something that keeps restored guest memory mapped (a storage `MappedMemory` or `UffdMemory`).
+pub type MemoryOwner = Box<dyn std::any::Any + Send + Sync>;
+
 /// The guest's RAM: the regions, their host mappings and the vm-memory view over them.
-#[derive(Debug)]
 pub struct GuestRam {
-    // Field order matters: `mem` (which points into `mappings`) is dropped first.
+    // Field order matters: `mem` (which points into the mappings) is dropped first.
     mem: GuestMemoryMmap,
     regions: Vec<RamRegion>,
+    hosts: Vec<(*mut u8, usize)>,
     mappings: Vec<Mapping>,
+    owner: Option<MemoryOwner>,
     file: Option<File>,
 }
+
+impl std::fmt::Debug for GuestRam {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestRam").field("regions", &self.regions).finish_non_exhaustive()
+    }
+}
+
+// SAFETY: the raw host pointers refer to mappings owned by this object (or its `owner`),
+// which live as long as it does; guest memory is shared with the guest by design and every
+// access goes through vm-memory's volatile accessors or KVM.
+unsafe impl Send for GuestRam {}
+// SAFETY: as above.
+unsafe impl Sync for GuestRam {}
 
 impl GuestRam {
     /// Fresh RAM of `size` bytes, backed by a memfd mapped MAP_SHARED (so its pages can later
@@ -204,30 +221,54 @@ impl GuestRam {
         Self::from_mappings(regions, mappings, None)
     }
 
-    /// RAM of `size` bytes over existing mappings, one per region of [`ram_regions`]`(size)`.
+    /// RAM over existing mappings, one per region.
     pub fn from_mappings(
         regions: Vec<RamRegion>,
         mappings: Vec<Mapping>,
         file: Option<File>,
     ) -> Result<Self, MemoryError> {
-        if regions.len() != mappings.len() {
+        let hosts = mappings.iter().map(|m| (m.as_ptr(), m.len())).collect();
+        let mut ram = Self::build(regions, hosts, None)?;
+        ram.mappings = mappings;
+        ram.file = file;
+        Ok(ram)
+    }
+
+    /// RAM over memory mapped by someone else (`owner` keeps it mapped).
+    ///
+    /// # Safety
+    /// Each `(ptr, len)` must be a live read/write mapping that stays mapped while `owner`
+    /// is alive, and nothing else may unmap it.
+    pub unsafe fn from_external(
+        regions: Vec<RamRegion>,
+        hosts: Vec<(*mut u8, usize)>,
+        owner: MemoryOwner,
+    ) -> Result<Self, MemoryError> {
+        Self::build(regions, hosts, Some(owner))
+    }
+
+    fn build(
+        regions: Vec<RamRegion>,
+        hosts: Vec<(*mut u8, usize)>,
+        owner: Option<MemoryOwner>,
+    ) -> Result<Self, MemoryError> {
+        if regions.len() != hosts.len() {
             return Err(MemoryError::Regions("one mapping per region needed".into()));
         }
         let mut vm_regions = Vec::with_capacity(regions.len());
-        for (r, m) in regions.iter().zip(&mappings) {
-            if u64::try_from(m.len()).ok() != Some(r.size) {
+        for (r, &(ptr, len)) in regions.iter().zip(&hosts) {
+            if u64::try_from(len).ok() != Some(r.size) {
                 return Err(MemoryError::Regions(format!(
-                    "mapping of {} bytes for a region of {}",
-                    m.len(),
+                    "mapping of {len} bytes for a region of {}",
                     r.size
                 )));
             }
-            // SAFETY: `m` is a live mapping of exactly `m.len()` bytes owned by the returned
-            // `GuestRam`, which drops the vm-memory view before the mapping.
+            // SAFETY: `ptr` is a live mapping of exactly `len` bytes kept alive by the
+            // returned `GuestRam` (its mappings or owner), which drops this view first.
             let builder = unsafe {
-                MmapRegionBuilder::new(m.len())
+                MmapRegionBuilder::new(len)
                     .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                    .with_raw_mmap_pointer(m.as_ptr())
+                    .with_raw_mmap_pointer(ptr)
             };
             let region = builder.build().map_err(|e| MemoryError::Regions(e.to_string()))?;
             let region = GuestRegionMmap::new(region, GuestAddress(r.gpa))
@@ -236,7 +277,29 @@ impl GuestRam {
         }
         let mem = GuestMemoryMmap::from_regions(vm_regions)
             .map_err(|e| MemoryError::Regions(e.to_string()))?;
-        Ok(Self { mem, regions, mappings, file })
+        Ok(Self { mem, regions, hosts, mappings: Vec::new(), owner, file: None })
+    }
+
+    /// Whatever keeps restored memory mapped (to query a page server).
+    pub fn owner(&self) -> Option<&MemoryOwner> {
+        self.owner.as_ref()
+    }
+
+    /// Host address and length of each region (same order as [`Self::regions`]).
+    pub fn host_regions(&self) -> &[(*mut u8, usize)] {
+        &self.hosts
+    }
+
+    /// The bytes of region `i`.
+    ///
+    /// # Safety
+    /// The guest (vCPUs) and devices must not write the region while the slice is alive
+    /// (pause the VM), or the caller accepts torn reads (a pre-copy that is re-done for
+    /// every page dirtied meanwhile).
+    pub unsafe fn region_slice(&self, i: usize) -> &[u8] {
+        let (ptr, len) = self.hosts[i];
+        // SAFETY: a live mapping of `len` bytes (see `build`); aliasing per the contract.
+        unsafe { std::slice::from_raw_parts(ptr, len) }
     }
 
     /// The vm-memory view (for loaders and device code).
@@ -247,11 +310,6 @@ impl GuestRam {
     /// The RAM regions, in guest physical order.
     pub fn regions(&self) -> &[RamRegion] {
         &self.regions
-    }
-
-    /// Host mapping of each region (same order as [`Self::regions`]).
-    pub fn mappings(&self) -> &[Mapping] {
-        &self.mappings
     }
 
     /// The backing file, when RAM is file backed.
@@ -271,12 +329,12 @@ impl GuestRam {
 
     /// Host slice view of guest range (for dumping/inspection); `None` if not inside one region.
     pub fn host_range(&self, gpa: u64, len: u64) -> Result<(*mut u8, usize), MemoryError> {
-        for (r, m) in self.regions.iter().zip(&self.mappings) {
+        for (r, &(ptr, _)) in self.regions.iter().zip(&self.hosts) {
             if gpa >= r.gpa && gpa.checked_add(len).is_some_and(|e| e <= r.end()) {
                 let off = usize::try_from(gpa - r.gpa).map_err(|_| MemoryError::BadSize(gpa))?;
                 let ulen = usize::try_from(len).map_err(|_| MemoryError::BadSize(len))?;
-                // SAFETY: `off + len <= m.len()` was checked above.
-                return Ok((unsafe { m.as_ptr().add(off) }, ulen));
+                // SAFETY: `off + len <= region length` was checked above.
+                return Ok((unsafe { ptr.add(off) }, ulen));
             }
         }
         Err(MemoryError::NotRam { gpa, len })

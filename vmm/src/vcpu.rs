@@ -74,6 +74,8 @@ pub enum VcpuCmd {
 pub enum VcpuEvent {
     /// The VM must end.
     Exit(VmExit),
+    /// A control-socket request.
+    Api(crate::api::ApiCall),
 }
 
 thread_local! {

@@ -125,6 +125,14 @@ pub struct Vm {
     serial_irq: EventFd,
     /// Whether the memory slots have KVM_MEM_LOG_DIRTY_PAGES on.
     pub dirty_logging: bool,
+    /// Whether the vCPUs are paused.
+    pub paused: bool,
+    /// MSR indices saved with each vCPU (read from KVM at the first snapshot).
+    pub(crate) msr_list: Option<Arc<Vec<u32>>>,
+    /// Memory layer chain so far (base first); diff snapshots extend it.
+    pub layers: Vec<std::path::PathBuf>,
+    /// Head of the chain.
+    pub(crate) head: Option<grove_storage::memory::LayerInfo>,
 }
 
 /// Opens KVM and creates the VM with its irqchip and PIT.
@@ -148,13 +156,13 @@ pub fn create_kvm_vm() -> Result<(Kvm, VmFd), VmError> {
 
 /// Registers (or re-registers with new flags) one KVM memory slot per RAM region.
 pub fn set_memory_slots(fd: &VmFd, ram: &GuestRam, log_dirty: bool) -> Result<(), VmError> {
-    for (slot, (r, m)) in ram.regions().iter().zip(ram.mappings()).enumerate() {
+    for (slot, (r, &(host, _))) in ram.regions().iter().zip(ram.host_regions()).enumerate() {
         let region = kvm_userspace_memory_region {
             slot: u32::try_from(slot).map_err(|_| VmError::Config("too many slots".into()))?,
             flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
             guest_phys_addr: r.gpa,
             memory_size: r.size,
-            userspace_addr: m.as_ptr() as u64,
+            userspace_addr: host as u64,
         };
         // SAFETY: the mapping stays alive as long as `ram`, which the caller keeps for the
         // life of the VM fd (Vm owns both; the VM fd is dropped with it).
@@ -270,6 +278,10 @@ impl Vm {
             events_tx,
             serial_irq,
             dirty_logging: false,
+            paused: false,
+            msr_list: None,
+            layers: Vec::new(),
+            head: None,
         }
     }
 
@@ -294,7 +306,26 @@ impl Vm {
     }
 
     /// Pauses every vCPU; returns when all are out of KVM_RUN.
-    pub fn pause(&self) -> Result<(), VcpuError> {
+    pub fn pause(&mut self) -> Result<(), VcpuError> {
+        if self.paused {
+            return Ok(());
+        }
+        self.pause_vcpus()?;
+        self.paused = true;
+        Ok(())
+    }
+
+    /// Resumes every vCPU.
+    pub fn resume(&mut self) -> Result<(), VcpuError> {
+        if !self.paused {
+            return Ok(());
+        }
+        self.resume_vcpus()?;
+        self.paused = false;
+        Ok(())
+    }
+
+    fn pause_vcpus(&self) -> Result<(), VcpuError> {
         let (ack_tx, ack_rx) = channel();
         for v in &self.vcpus {
             v.cmds.send(VcpuCmd::Pause(ack_tx.clone())).map_err(|_| VcpuError::Gone(v.index))?;
@@ -306,8 +337,7 @@ impl Vm {
         Ok(())
     }
 
-    /// Resumes every vCPU.
-    pub fn resume(&self) -> Result<(), VcpuError> {
+    fn resume_vcpus(&self) -> Result<(), VcpuError> {
         for v in &self.vcpus {
             v.cmds.send(VcpuCmd::Resume).map_err(|_| VcpuError::Gone(v.index))?;
         }
@@ -344,11 +374,22 @@ impl Vm {
         Ok(())
     }
 
-    /// Blocks until a vCPU ends the VM.
-    pub fn wait_exit(&self) -> VmExit {
-        match self.events.recv() {
-            Ok(VcpuEvent::Exit(e)) => e,
-            Err(_) => VmExit::Error("all vCPU threads ended".into()),
+    /// Where vCPU exits and control requests are sent.
+    pub fn event_sender(&self) -> Sender<VcpuEvent> {
+        self.events_tx.clone()
+    }
+
+    /// Serves control requests until a vCPU ends the VM.
+    pub fn run_until_exit(&mut self) -> VmExit {
+        loop {
+            match self.events.recv() {
+                Ok(VcpuEvent::Exit(e)) => return e,
+                Ok(VcpuEvent::Api(call)) => {
+                    let reply = crate::api::handle(self, call.req);
+                    let _ = call.reply.send(reply);
+                }
+                Err(_) => return VmExit::Error("all vCPU threads ended".into()),
+            }
         }
     }
 }
