@@ -39,19 +39,29 @@ fn main() {
     }
     let t0 = Instant::now();
     let deadline = t0 + Duration::from_secs(wait);
-    let mut c = loop {
-        match GuestClient::connect(&addr, Some(Duration::from_secs(60))) {
-            Ok(c) => break c,
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(250));
+    // While a guest boots, QEMU's user-mode network accepts the host side at once and keeps
+    // retrying the guest side with TCP backoff; short probes get through as soon as the
+    // agent listens instead of waiting out the backoff.
+    if wait > 0 {
+        loop {
+            match GuestClient::connect(&addr, Some(Duration::from_secs(1))) {
+                Ok(_) => break,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => die(&format!(
+                    "{e}: {}",
+                    std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default()
+                )),
             }
-            Err(e) => die(&format!(
-                "{e}: {}",
-                std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default()
-            )),
         }
-    };
+    }
+    let mut c = GuestClient::connect(&addr, Some(Duration::from_secs(60))).unwrap_or_else(|e| {
+        die(&format!(
+            "{e}: {}",
+            std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default()
+        ))
+    });
     if wait > 0 {
         eprintln!(
             "guest-ctl: connected to {} after {} ms (guest uptime {} ms)",
