@@ -17,8 +17,8 @@
 
 use core::arch::global_asm;
 
-/// Bytes of physical memory the static page tables identity-map (16 GiB).
-pub const MAPPED_BYTES: u64 = 16 << 30;
+// The page tables below map exactly `grove_testguest::MAPPED_BYTES` (16 GiB).
+const _: () = assert!(grove_testguest::MAPPED_BYTES == 16 << 30);
 
 global_asm!(
     r#"

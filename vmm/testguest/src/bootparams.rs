@@ -5,7 +5,7 @@
 //! before use (at most 128 e820 entries, a cmdline of at most 4 KiB inside the
 //! identity-mapped range).
 
-use crate::boot::MAPPED_BYTES;
+use crate::MAPPED_BYTES;
 
 /// `boot_params.e820_entries` (u8).
 const E820_ENTRIES: u64 = 0x1e8;
@@ -125,8 +125,9 @@ impl Default for Config {
     }
 }
 
-/// Largest accepted `tg.touch_mib` (the identity map ends at 16 GiB).
-const TOUCH_MIB_MAX: u64 = MAPPED_BYTES >> 20;
+/// Largest accepted `tg.touch_mib`: the region starts at 16 MiB and the identity
+/// map ends at 16 GiB.
+const TOUCH_MIB_MAX: u64 = (MAPPED_BYTES >> 20) - 16;
 
 /// Parses a decimal or `0x` hexadecimal u64.
 pub fn parse_u64(s: &[u8]) -> Option<u64> {
@@ -168,7 +169,7 @@ impl Config {
                 b"tg.touch_mib" => {
                     c.touch_mib = parse_u64(val)
                         .filter(|&v| v <= TOUCH_MIB_MAX)
-                        .ok_or("tg.touch_mib must be a number of MiB below 16384")?;
+                        .ok_or("tg.touch_mib must be a number of MiB up to 16368")?;
                 }
                 b"tg.seed" => c.seed = parse_u64(val).ok_or("tg.seed must be a u64")?,
                 b"tg.tsc_khz" => {
@@ -195,5 +196,74 @@ impl Config {
             }
         }
         Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_parse_in_decimal_and_hex_and_reject_junk() {
+        assert_eq!(parse_u64(b"0"), Some(0));
+        assert_eq!(parse_u64(b"4096"), Some(4096));
+        assert_eq!(parse_u64(b"0x1F"), Some(31));
+        assert_eq!(parse_u64(b"18446744073709551615"), Some(u64::MAX));
+        assert_eq!(parse_u64(b"18446744073709551616"), None);
+        for bad in [&b""[..], b"0x", b"12a", b"-1", b" 1", b"0x1g"] {
+            assert_eq!(parse_u64(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn cmdline_keys_parse_and_others_are_ignored() {
+        let c =
+            Config::parse(b"console=ttyS0 tg.mode=checksum  tg.touch_mib=64 tg.seed=0x10 noapic")
+                .unwrap();
+        assert_eq!(c.mode, Mode::Checksum);
+        assert_eq!(c.touch_mib, 64);
+        assert_eq!(c.seed, 16);
+        assert_eq!(Config::parse(b"").unwrap(), Config::default());
+        assert_eq!(Config::parse(b"tg.mode=fork\ttg.t_us=20").unwrap().t_us, 20);
+        for (m, mode) in [
+            ("hello", Mode::Hello),
+            ("ready", Mode::Ready),
+            ("fork", Mode::Fork),
+            ("busy", Mode::Busy),
+            ("triplefault", Mode::TripleFault),
+        ] {
+            assert_eq!(Config::parse(format!("tg.mode={m}").as_bytes()).unwrap().mode, mode);
+        }
+        let c = Config::parse(b"tg.tsc_khz=2600000 tg.verbose=1 tg.mmio_boot_timer=0xc0000000")
+            .unwrap();
+        assert_eq!(c.tsc_khz, Some(2_600_000));
+        assert!(c.verbose);
+        assert_eq!(c.mmio_boot_timer, Some(0xc000_0000));
+    }
+
+    #[test]
+    fn bad_cmdline_values_are_errors() {
+        for bad in [
+            &b"tg.mode=nope"[..],
+            b"tg.touch_mib=16369",
+            b"tg.touch_mib=lots",
+            b"tg.seed=",
+            b"tg.t_us=0",
+            b"tg.t_us=101",
+            b"tg.tsc_khz=5",
+            b"tg.mmio_boot_timer=0x1000",
+            b"tg.mmio_boot_timer=0xc0000001",
+            b"tg.mmio_boot_timer=0x100000000",
+        ] {
+            assert!(Config::parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn out_of_range_boot_params_pointer_is_refused() {
+        assert!(BootParams::new(0).is_err());
+        assert!(BootParams::new(MAPPED_BYTES - 100).is_err());
+        assert!(BootParams::new(u64::MAX - 10).is_err());
+        assert!(BootParams::new(0x7000).is_ok());
     }
 }

@@ -10,13 +10,11 @@
 #![no_main]
 
 mod boot;
-mod bootparams;
 mod io;
-mod region;
 
-use bootparams::{BootParams, Config, E820Entry, Mode, E820_MAX};
+use grove_testguest::bootparams::{BootParams, Config, E820Entry, Mode, E820_MAX};
+use grove_testguest::region::{self, Region, RegionError};
 use io::{inl, outb, rdtsc, Serial};
-use region::{Region, RegionError};
 
 /// TSC frequency assumed when neither `tg.tsc_khz` nor CPUID gives one.
 const DEFAULT_TSC_KHZ: u64 = 2_500_000;
@@ -62,7 +60,7 @@ pub extern "C" fn rust_main(boot_params: u64) -> ! {
                     "tg: mode={:?} region={} bytes in {} chunks seed={} tsc_khz={} t_us={} \
                      identity={} generation={}\n",
                     cfg.mode,
-                    region.len(),
+                    region.bytes(),
                     region.chunks().len(),
                     cfg.seed,
                     tsc_khz,

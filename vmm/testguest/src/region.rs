@@ -6,8 +6,8 @@
 //! Checksum: FNV-1a 64 over the words in address order, per word
 //! `h = (h ^ w).wrapping_mul(0x100_0000_01b3)`, from `0xcbf2_9ce4_8422_2325`.
 
-use crate::boot::MAPPED_BYTES;
 use crate::bootparams::{E820Entry, E820_MAX, E820_RAM};
+use crate::MAPPED_BYTES;
 
 /// Where the region starts (guest physical).
 pub const REGION_START: u64 = 16 << 20;
@@ -92,7 +92,7 @@ impl Region {
     }
 
     /// Total bytes.
-    pub fn len(&self) -> u64 {
+    pub fn bytes(&self) -> u64 {
         self.chunks().iter().map(|c| c.1).sum()
     }
 
@@ -178,4 +178,61 @@ pub fn poke_page(addr: u64, value: u64) {
     // SAFETY: `addr` comes from a `PageCursor` over a region chunk (see
     // `Region::checksum`): page aligned, inside RAM this program owns.
     unsafe { (addr as *mut u64).write_volatile(value) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+
+    fn ram(addr: u64, size: u64) -> E820Entry {
+        E820Entry { addr, size, kind: E820_RAM }
+    }
+
+    #[test]
+    fn region_starts_at_16_mib_and_skips_the_gap() {
+        let map = [ram(4 * GIB, GIB), ram(0, 0x9fc00), ram(MIB, 3 * GIB - MIB)];
+        let r = Region::layout(&map, 3100 * MIB).unwrap();
+        assert_eq!(r.chunks(), &[(16 * MIB, 3 * GIB - 16 * MIB), (4 * GIB, 44 * MIB)]);
+        assert_eq!(r.bytes(), 3100 * MIB);
+        let r = Region::layout(&map, 0).unwrap();
+        assert!(r.chunks().is_empty());
+    }
+
+    #[test]
+    fn region_ignores_non_ram_and_overlaps_and_reports_misfits() {
+        let reserved = E820Entry { addr: 16 * MIB, size: GIB, kind: 2 };
+        let map = [reserved, ram(0, 64 * MIB), ram(32 * MIB, 64 * MIB)];
+        let r = Region::layout(&map, 80 * MIB).unwrap();
+        assert_eq!(r.chunks(), &[(16 * MIB, 48 * MIB), (64 * MIB, 32 * MIB)]);
+        assert_eq!(Region::layout(&map, 81 * MIB).err(), Some(RegionError::TooSmall));
+        let big = [ram(0, 20 * GIB)];
+        assert_eq!(Region::layout(&big, 16 * GIB).err(), Some(RegionError::BeyondMap));
+        assert_eq!(Region::layout(&[], MIB).err(), Some(RegionError::TooSmall));
+    }
+
+    #[test]
+    fn page_cursor_wraps_around_the_chunks() {
+        let map = [ram(MIB, 16 * MIB + 2 * PAGE - MIB), ram(4 * GIB, PAGE)];
+        let r = Region::layout(&map, 3 * PAGE).unwrap();
+        let mut c = r.page_cursor();
+        let seq: Vec<u64> = (0..4).map(|_| c.next(&r).unwrap()).collect();
+        assert_eq!(seq, [16 * MIB, 16 * MIB + PAGE, 4 * GIB, 16 * MIB]);
+        let empty = Region::layout(&map, 0).unwrap();
+        assert_eq!(empty.page_cursor().next(&empty), None);
+    }
+
+    #[test]
+    fn pattern_and_fnv_match_the_contract() {
+        assert_eq!(pattern(0, 0), 0);
+        assert_eq!(pattern(8, 1), 8u64.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 1);
+        let mut h = FNV_OFFSET;
+        for a in (16 * MIB..17 * MIB).step_by(8) {
+            h = fnv_step(h, pattern(a, 0));
+        }
+        // Same value as vmm/tests/boot.rs and an independent Python computation.
+        assert_eq!(h, 0xa810_9e07_e0f2_2325);
+    }
 }
