@@ -82,6 +82,15 @@ pid1="$(ctl exec cat /proc/1/comm)" || fail "cat /proc/1/comm"
 [ "$pid1" = "guest-init" ] || fail "PID 1 is '$pid1', not guest-init"
 echo "qemu-smoke: guest kernel $uname_r, PID 1 = $pid1" >&2
 
+tty="$(ctl exec-pty tty)" || fail "exec on a PTY"
+case "$tty" in /dev/pts/*) ;; *) fail "exec-pty: tty printed '$tty'" ;; esac
+ctl exec date -s @1000000000 >/dev/null || fail "set the guest clock back to 2001"
+ctl post-restore grove-child || fail "post-restore"
+[ "$(ctl exec hostname)" = grove-child ] || fail "post-restore did not set the hostname"
+gclock="$(ctl exec date +%s)" || fail "date"
+[ $(( gclock - $(date +%s) )) -ge -60 ] || fail "post-restore did not step the clock (guest $gclock)"
+echo "qemu-smoke: PTY exec ($tty), post-restore (entropy + reseed, clock, hostname) OK" >&2
+
 t_off=$(ms)
 ctl poweroff || fail "poweroff request"
 for _ in $(seq 1 $((2 * 60))); do

@@ -4,6 +4,8 @@
 //! guest-ctl --connect tcp:127.0.0.1:7000 [--wait SECS] COMMAND
 //!   ping | info
 //!   exec ARG...             run, print stdout/stderr, exit with the process's code
+//!   exec-pty ARG...         the same on a new 24x80 PTY
+//!   post-restore HOSTNAME   64 bytes of host entropy, the host's wall clock, the hostname
 //!   write PATH              write stdin to PATH
 //!   read PATH               print PATH to stdout
 //!   poweroff | reboot
@@ -74,9 +76,14 @@ fn main() {
     match args[0].as_str() {
         "ping" => c.ping().unwrap_or_else(|e| fail(e)),
         "info" => println!("{:#?}", c.info().unwrap_or_else(|e| fail(e))),
-        "exec" => {
-            let argv: Vec<&str> = args[1..].iter().map(String::as_str).collect();
-            let r = c.run(&argv).unwrap_or_else(|e| fail(e));
+        "exec" | "exec-pty" => {
+            let req = grove_proto::guest::ExecStart {
+                argv: args[1..].to_vec(),
+                pty: (args[0] == "exec-pty")
+                    .then_some(grove_proto::guest::PtySize { rows: 24, cols: 80 }),
+                ..Default::default()
+            };
+            let r = c.exec(req, None).unwrap_or_else(|e| fail(e));
             std::io::stdout().write_all(&r.stdout).ok();
             std::io::stderr().write_all(&r.stderr).ok();
             match (r.code(), r.signal()) {
@@ -95,6 +102,23 @@ fn main() {
             let path = args.get(1).unwrap_or_else(|| die("read PATH"));
             let d = c.read_file(path).unwrap_or_else(|e| fail(e));
             std::io::stdout().write_all(&d).ok();
+        }
+        "post-restore" => {
+            let hostname = args.get(1).cloned().unwrap_or_default();
+            let mut entropy = vec![0u8; 64];
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut f| f.read_exact(&mut entropy))
+                .unwrap_or_else(|e| die(&e.to_string()));
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            let req = grove_proto::guest::PostRestore {
+                wall_clock_ns: i64::try_from(now.as_nanos()).ok(),
+                entropy,
+                hostname,
+                net: None,
+            };
+            c.post_restore(req).unwrap_or_else(|e| fail(e));
         }
         "poweroff" => c.power(PowerAction::Poweroff).unwrap_or_else(|e| fail(e)),
         "reboot" => c.power(PowerAction::Reboot).unwrap_or_else(|e| fail(e)),
