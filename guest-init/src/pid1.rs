@@ -99,44 +99,53 @@ pub fn run(stage2: bool) -> ! {
     system_stage(&cmdline, sigset, t0)
 }
 
-fn load_modules(names: &str) {
-    let deps: HashMap<String, Vec<String>> = fs::read_to_string("/lib/modules/modules.dep")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let (m, d) = l.split_once(':')?;
-            Some((m.trim().to_string(), d.split_whitespace().map(str::to_string).collect()))
-        })
-        .collect();
-    let mut done = std::collections::HashSet::new();
-    fn load(
+/// The order to load `names` (comma separated) in: every module after its dependencies, each
+/// once, from a modules.dep in fetch-kernel.sh's format (`name: dep dep`).
+pub fn module_load_order(dep_text: &str, names: &str) -> Vec<String> {
+    fn visit(
         m: &str,
-        deps: &HashMap<String, Vec<String>>,
-        done: &mut std::collections::HashSet<String>,
+        deps: &HashMap<&str, Vec<&str>>,
+        seen: &mut std::collections::HashSet<String>,
+        out: &mut Vec<String>,
         depth: u32,
     ) {
-        if depth > 32 || !done.insert(m.to_string()) {
+        if depth > 32 || !seen.insert(m.to_string()) {
             return;
         }
         for d in deps.get(m).into_iter().flatten() {
-            load(d, deps, done, depth + 1);
+            visit(&d.replace('-', "_"), deps, seen, out, depth + 1);
         }
-        let path = format!("/lib/modules/{m}.ko");
-        match File::open(&path) {
+        out.push(m.to_string());
+    }
+    let deps: HashMap<&str, Vec<&str>> = dep_text
+        .lines()
+        .filter_map(|l| {
+            let (m, d) = l.split_once(':')?;
+            Some((m.trim(), d.split_whitespace().collect()))
+        })
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for m in names.split(',').map(str::trim).filter(|m| !m.is_empty()) {
+        visit(&m.replace('-', "_"), &deps, &mut seen, &mut out, 0);
+    }
+    out
+}
+
+fn load_modules(names: &str) {
+    let dep_text = fs::read_to_string("/lib/modules/modules.dep").unwrap_or_default();
+    for m in module_load_order(&dep_text, names) {
+        if m.contains('/') {
+            continue;
+        }
+        match File::open(format!("/lib/modules/{m}.ko")) {
             Ok(f) => match sys::finit_module(&f, "") {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
                 Err(e) => log(&format!("finit_module {m}: {e}")),
             },
-            Err(_) => {
-                if !deps.contains_key(m) {
-                    log(&format!("module {m}: not in the initramfs (built in?)"));
-                }
-            }
+            Err(_) => log(&format!("module {m}: not in the initramfs (built in?)")),
         }
-    }
-    for m in names.split(',').filter(|m| !m.is_empty()) {
-        load(&m.replace('-', "_"), &deps, &mut done, 0);
     }
 }
 
@@ -345,5 +354,29 @@ pub fn power(action: PowerAction) -> ! {
     log(&format!("reboot(2): {e}"));
     loop {
         std::thread::park();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_and_module_order() {
+        let c = Cmdline::parse("console=ttyS0 root=/dev/vda rw grove.modules=virtio_blk,virtio-net ip=1.2.3.4:::::eth0:off");
+        assert_eq!(c.get("root"), Some("/dev/vda"));
+        assert!(c.has("rw") && !c.has("ro"));
+        assert_eq!(c.get("ip"), Some("1.2.3.4:::::eth0:off"));
+        let deps = "virtio_ring: \nvirtio: virtio_ring\nvirtio_blk: virtio virtio_ring\n\
+                    failover: \nnet_failover: failover\nvirtio_net: virtio_ring virtio net_failover\n\
+                    loop_a: loop_b\nloop_b: loop_a\n";
+        assert_eq!(
+            module_load_order(deps, c.get("grove.modules").unwrap()),
+            ["virtio_ring", "virtio", "virtio_blk", "failover", "net_failover", "virtio_net"]
+        );
+        // Unknown modules are still tried (they may be built in); cycles terminate.
+        assert_eq!(module_load_order(deps, "ext4"), ["ext4"]);
+        assert_eq!(module_load_order(deps, "loop_a"), ["loop_b", "loop_a"]);
+        assert!(module_load_order(deps, ",,").is_empty());
     }
 }

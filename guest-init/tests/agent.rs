@@ -325,7 +325,7 @@ mod tests {
         let mut c = a.client();
         let slow = c
             .send(request::Body::ExecStart(ExecStart {
-                argv: argv(&["sh", "-c", "sleep 0.3; echo slow"]),
+                argv: argv(&["sh", "-c", "sleep 1; echo slow"]),
                 ..Default::default()
             }))
             .unwrap();
