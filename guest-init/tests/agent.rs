@@ -147,6 +147,29 @@ mod tests {
             )
             .unwrap();
         assert_eq!(r.stdout, b"65534\n65534\n");
+        // By name, from /etc/passwd: HOME and USER follow the user.
+        let r = c
+            .exec(
+                ExecStart {
+                    argv: argv(&["sh", "-c", "id -un; echo $USER"]),
+                    user: Some(User { name: "nobody".into(), uid: None, gid: None }),
+                    ..Default::default()
+                },
+                None,
+            )
+            .unwrap();
+        assert_eq!(r.stdout, b"nobody\nnobody\n");
+        let e = c
+            .exec(
+                ExecStart {
+                    argv: argv(&["true"]),
+                    user: Some(User { name: "no-such-user-grove".into(), uid: None, gid: None }),
+                    ..Default::default()
+                },
+                None,
+            )
+            .unwrap_err();
+        assert_eq!(code(&e), ErrorCode::BadRequest);
         // EACCES from inside the process: nobody cannot read a 0600 root file.
         let secret = a.root().join("secret");
         std::fs::write(&secret, "s").unwrap();
