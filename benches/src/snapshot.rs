@@ -239,58 +239,87 @@ fn bench_size(o: &Opts, mib: u64, rows: &mut Vec<Row>, files: &mut Cleanup) -> R
     mem.dirty(touched, touched, 1);
     let wo = WriteOptions { fsync: o.fsync, ..WriteOptions::default() };
     let tag = format!("grove-bench-{}-{mib}", std::process::id());
-    let base_path = o.dir.join(format!("{tag}-base.mlayer"));
-    files.0.push(base_path.clone());
+    // Every write goes to a new file name, as snapshots do (replacing an existing
+    // file by rename makes ext4 flush the new file's data: auto_da_alloc).
+    let mut seq = 0usize;
+    let mut fresh = |files: &mut Cleanup, kind: &str| {
+        seq += 1;
+        let p = o.dir.join(format!("{tag}-{kind}-{seq}.mlayer"));
+        files.0.push(p.clone());
+        p
+    };
     let mut full = Vec::new();
     let mut base: Option<LayerInfo> = None;
     for _ in 0..o.runs {
+        let path = fresh(files, "base");
         let t = Instant::now();
-        let info = write_full(&base_path, &mem.regions(None), &wo).map_err(|e| e.to_string())?;
+        let info = write_full(&path, &mem.regions(None), &wo).map_err(|e| e.to_string())?;
         full.push(ms(t));
-        base = Some(info);
+        if let Some(old) = base.replace(info) {
+            let _ = std::fs::remove_file(old.path);
+        }
     }
     let base = base.ok_or("no runs")?;
     summary(rows, "write full layer", mib, base.present_pages, &full);
 
-    let diff_path = o.dir.join(format!("{tag}-diff.mlayer"));
-    files.0.push(diff_path.clone());
-    let mut last_diff = None;
     for (gen, dirty) in [(2u64, 16usize), (3, 1024), (4, touched)] {
         let mut s = Vec::new();
         for _ in 0..o.runs {
             let maps = mem.dirty(dirty, touched, gen);
+            let path = fresh(files, "diff");
             let t = Instant::now();
-            let info = write_diff(&diff_path, &base, &mem.regions(Some(&maps)), &wo)
-                .map_err(|e| e.to_string())?;
+            write_diff(&path, &base, &mem.regions(Some(&maps)), &wo).map_err(|e| e.to_string())?;
             s.push(ms(t));
-            last_diff = Some(info);
+            let _ = std::fs::remove_file(&path);
         }
         summary(rows, "write diff layer", mib, dirty as u64, &s);
     }
-    // Restore chain: base + a 1024-page diff.
-    let maps = mem.dirty(1024, touched, 9);
-    write_diff(&diff_path, &base, &mem.regions(Some(&maps)), &wo).map_err(|e| e.to_string())?;
-    drop(last_diff);
+    // Restore chains: base + a diff of 16 pages, and base + a diff of 1024 pages
+    // spread over the working set (1024 separate runs to map).
+    let mut chains = Vec::new();
+    for (gen, dirty) in [(9u64, 16usize), (10, 1024)] {
+        let maps = mem.dirty(dirty, touched, gen);
+        let path = fresh(files, "diff");
+        write_diff(&path, &base, &mem.regions(Some(&maps)), &wo).map_err(|e| e.to_string())?;
+        chains.push((dirty, path));
+    }
     drop(mem);
-    let paths = [base_path.clone(), diff_path.clone()];
-    let ws_path = WorkingSet::default_path(&diff_path);
-    files.0.push(ws_path.clone());
+    for (dirty, diff_path) in chains {
+        let paths = [base.path.clone(), diff_path.clone()];
+        let ws_path = WorkingSet::default_path(&diff_path);
+        files.0.push(ws_path.clone());
+        bench_restore(o, mib, rows, &paths, &ws_path, dirty, touched)?;
+    }
+    Ok(())
+}
 
+fn bench_restore(
+    o: &Opts,
+    mib: u64,
+    rows: &mut Vec<Row>,
+    paths: &[PathBuf],
+    ws_path: &Path,
+    diff_pages: usize,
+    touched: usize,
+) -> Result<(), String> {
+    let sfx = format!("[base + {diff_pages}-page diff]");
     let (mut open, mut call, mut first) = (Vec::new(), Vec::new(), Vec::new());
+    let mut mappings = 0;
     for _ in 0..o.runs {
         let t0 = Instant::now();
-        let chain = Chain::open(&paths).map_err(|e| e.to_string())?;
+        let chain = Chain::open(paths).map_err(|e| e.to_string())?;
         open.push(ms(t0));
         let t = Instant::now();
         let m = restore_mmap(&chain, &MmapOptions::default()).map_err(|e| e.to_string())?;
         call.push(ms(t));
         touch(m.regions(), touched);
         first.push(ms(t0));
+        mappings = m.plan().mappings;
     }
     let wp = touched as u64;
-    summary(rows, "open chain (2 layers)", mib, 0, &open);
-    summary(rows, "mmap restore call", mib, 0, &call);
-    summary(rows, "mmap open+restore+touch working set", mib, wp, &first);
+    summary(rows, &format!("open chain {sfx}"), mib, 0, &open);
+    summary(rows, &format!("mmap restore call ({mappings} VMAs) {sfx}"), mib, 0, &call);
+    summary(rows, &format!("mmap open+restore+touch working set {sfx}"), mib, wp, &first);
 
     let modes: [(&str, u8); 3] = [
         ("uffd open+restore+touch working set (no prefetch)", 0),
@@ -298,15 +327,16 @@ fn bench_size(o: &Opts, mib: u64, rows: &mut Vec<Row>, files: &mut Cleanup) -> R
         ("uffd open+restore+touch working set (background prefetch)", 2),
     ];
     for (what, mode) in modes {
+        let what = format!("{what} {sfx}");
         let (mut start, mut total) = (Vec::new(), Vec::new());
         for _ in 0..o.runs {
             // Timed from opening the chain: loading the working set is part of it.
             let t = Instant::now();
-            let chain = Arc::new(Chain::open(&paths).map_err(|e| e.to_string())?);
+            let chain = Arc::new(Chain::open(paths).map_err(|e| e.to_string())?);
             let prefetch = match mode {
                 0 => Prefetch::None,
-                1 => Prefetch::BeforeStart(WorkingSet::load(&ws_path).map_err(|e| e.to_string())?),
-                _ => Prefetch::Background(WorkingSet::load(&ws_path).map_err(|e| e.to_string())?),
+                1 => Prefetch::BeforeStart(WorkingSet::load(ws_path).map_err(|e| e.to_string())?),
+                _ => Prefetch::Background(WorkingSet::load(ws_path).map_err(|e| e.to_string())?),
             };
             let u = UffdMemory::start(chain, &UffdOptions { prefetch, ..UffdOptions::default() })
                 .map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e)))?;
@@ -314,14 +344,14 @@ fn bench_size(o: &Opts, mib: u64, rows: &mut Vec<Row>, files: &mut Cleanup) -> R
             touch(u.regions(), touched);
             total.push(ms(t));
             if mode == 0 {
-                u.save_working_set(&ws_path).map_err(|e| e.to_string())?;
+                u.save_working_set(ws_path).map_err(|e| e.to_string())?;
             }
             if let Some(f) = u.failure() {
                 return Err(format!("page server failed: {f}"));
             }
         }
         summary(rows, &format!("{what}: open+start"), mib, wp, &start);
-        summary(rows, what, mib, wp, &total);
+        summary(rows, &what, mib, wp, &total);
     }
     Ok(())
 }
@@ -360,7 +390,7 @@ fn run_storage(args: &[String], print_all: bool) -> Result<(), String> {
             cond.page_cache
         );
         for r in &rows {
-            println!("{:>5} MiB  {:<62} pages={:<7} {}", r.mem_mib, r.what, r.pages, r.summary);
+            println!("{:>5} MiB  {:<88} pages={:<6} {}", r.mem_mib, r.what, r.pages, r.summary);
         }
     }
     Ok(())

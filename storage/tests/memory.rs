@@ -216,7 +216,9 @@ fn chain_of_depth_twelve_restores_merges_and_opens_by_directory() {
     g.assert_same(restore_mmap(&by_dir, &MmapOptions::default()).unwrap().regions());
 
     // Flatten into one full layer; merge the top 7 layers into one diff.
-    let flat = chain.flatten(dir.path().join("flat.mlayer"), &WriteOptions::default()).unwrap();
+    let nosync = WriteOptions { fsync: false, ..WriteOptions::default() };
+    let flat = chain.flatten(dir.path().join("flat.mlayer"), &nosync).unwrap();
+    sync_layer(&flat.path).unwrap();
     assert_eq!(flat.kind, LayerKind::Full);
     let fc = Chain::open(&[&flat.path]).unwrap();
     g.assert_same(restore_mmap(&fc, &MmapOptions::default()).unwrap().regions());

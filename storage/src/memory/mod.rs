@@ -18,7 +18,8 @@
 //! let d1 = write_diff(dir.join("0001.mlayer"), &base, &regions, &WriteOptions::default())?;
 //! ```
 //! Files are written to a temporary name, fsynced (unless `WriteOptions::fsync` is
-//! false) and renamed into place. Full layers skip zero pages; diff layers write the
+//! false; then [`sync_layer`] can make it durable later, e.g. after a fork resumed
+//! the parent) and renamed into place. Full layers skip zero pages; diff layers write the
 //! dirty pages (dirty zero pages become holes but still override the parent).
 //!
 //! **Open** a chain base ← diff ← diff …: [`Chain::open`] (paths, base first) or
@@ -46,6 +47,12 @@
 //!   inaccessible and wakes every waiter: a vCPU gets `EFAULT` from `KVM_RUN`, a
 //!   host thread's kernel access (e.g. `write(2)` from it) gets `EFAULT`, a plain
 //!   user-space access gets `SIGSEGV`. It never leaves a faulting thread waiting.
+//!   [`UffdMemory::stop_server`] (or drop) ends the thread the same way.
+//!
+//! Errors: [`LayerError`] (files, chains, working sets), [`RestoreError`] (`mmap`
+//! mode), [`PageServerError`] (`uffd` mode). Layer files are immutable once written:
+//! never truncate or rewrite one that a restored VM may map. Naming convention in a
+//! snapshot directory: `NNNN.mlayer` (base `0000`), working set `NNNN.mlayer.ws`.
 
 mod chain;
 pub mod format;
@@ -63,7 +70,7 @@ pub use mmap::{plan_mmap, restore_mmap, MappedMemory, MmapOptions, MmapPlan, Res
 pub use sys::RestoredRegion;
 pub use uffd::{PageServerError, PageServerStats, Prefetch, UffdMemory, UffdOptions};
 pub use working_set::WorkingSet;
-pub use writer::{write_diff, write_full, RegionMemory, WriteOptions};
+pub use writer::{sync_layer, write_diff, write_full, RegionMemory, WriteOptions};
 
 use std::path::PathBuf;
 

@@ -240,3 +240,15 @@ fn write_layer(
         data_bytes,
     })
 }
+
+/// Makes a layer written with `fsync: false` durable: fsyncs the file and its
+/// directory. Lets a fork write its diff without fsync inside the parent's pause and
+/// make it durable after resuming.
+pub fn sync_layer(path: impl AsRef<Path>) -> Result<(), LayerError> {
+    let path = path.as_ref();
+    File::open(path).and_then(|f| f.sync_all()).map_err(|e| LayerError::io("fsync", path, e))?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| LayerError::io("fsync directory", dir, e))
+}
