@@ -333,29 +333,52 @@ mod kvm {
         if !kvm_available() {
             return;
         }
-        let kernel = guest().to_str().expect("utf-8 guest path").to_owned();
-        let mut vm = VmmGuard::spawn(&[
-            "run",
-            "--kernel",
-            &kernel,
-            "--cmdline",
-            "tg.mode=ready tg.touch_mib=16",
-            "--mem-mib",
-            "128",
-        ]);
-        let rx = stream(vm.child.stdout.take().expect("piped stdout"));
-        let err = read_all(vm.child.stderr.take().expect("piped stderr"));
-        let (seen, ok) =
-            wait_for(&rx, |s| s.find("READY\n").is_some_and(|i| s[i..].matches('T').count() >= 20));
-        vm.kill();
-        let stderr = err.join().expect("stderr reader");
-        assert!(ok, "no READY and 20 Ts within {DEADLINE:?}\nstdout: {seen}\nstderr: {stderr}");
-        let after = &seen[seen.find("READY\n").expect("READY") + 6..];
-        assert!(after.chars().all(|c| c == 'T'), "only Ts after READY, got {after:?}");
-        assert!(
-            stderr.contains("boot-timer"),
-            "the boot-timer port write was not logged on stderr:\n{stderr}"
-        );
+        // busy mode is ready mode that also dirties pages between Ts.
+        for mode in ["ready", "busy"] {
+            let kernel = guest().to_str().expect("utf-8 guest path").to_owned();
+            let cmdline = format!("tg.mode={mode} tg.touch_mib=16");
+            let mut vm = VmmGuard::spawn(&[
+                "run",
+                "--kernel",
+                &kernel,
+                "--cmdline",
+                &cmdline,
+                "--mem-mib",
+                "128",
+            ]);
+            let rx = stream(vm.child.stdout.take().expect("piped stdout"));
+            let err = read_all(vm.child.stderr.take().expect("piped stderr"));
+            let (seen, ok) = wait_for(&rx, |s| {
+                s.find("READY\n").is_some_and(|i| s[i..].matches('T').count() >= 20)
+            });
+            vm.kill();
+            let stderr = err.join().expect("stderr reader");
+            assert!(
+                ok,
+                "{mode}: no READY and 20 Ts within {DEADLINE:?}\nstdout: {seen}\nstderr: {stderr}"
+            );
+            let after = &seen[seen.find("READY\n").expect("READY") + 6..];
+            assert!(after.chars().all(|c| c == 'T'), "{mode}: only Ts after READY, got {after:?}");
+            assert!(
+                stderr.contains("boot-timer"),
+                "{mode}: the boot-timer port write was not logged on stderr:\n{stderr}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_guest_cmdline_fails_the_vm() {
+        if !kvm_available() {
+            return;
+        }
+        for (cmdline, why) in [
+            ("tg.mode=bogus", "unknown tg.mode"),
+            ("tg.mode=checksum tg.touch_mib=lots", "tg.touch_mib"),
+        ] {
+            let o = boot(cmdline, &[]);
+            assert!(o.stdout.contains("tg: error:") && o.stdout.contains(why), "{cmdline}:\n{o}");
+            assert!(!o.status.success(), "{cmdline}: the guest's triple fault fails the VM:\n{o}");
+        }
     }
 
     #[test]
