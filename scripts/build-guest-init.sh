@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${GUEST_INIT_TARGET_DIR:-$PWD/build/target-guest-init}"
-RUSTFLAGS="-C target-feature=+crt-static" \
+CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_STRIP=symbols RUSTFLAGS="-C target-feature=+crt-static" \
   cargo build --release --quiet -p guest-init --bins --target x86_64-unknown-linux-gnu
 bin="$CARGO_TARGET_DIR/x86_64-unknown-linux-gnu/release/guest-init"
 if readelf -l "$bin" | grep -q 'Requesting program interpreter'; then
