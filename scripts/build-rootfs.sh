@@ -43,8 +43,15 @@ if [ ! -f "$TREE/.debootstrap-done" ]; then
   rm -rf "$TREE"
   echo "build-rootfs: debootstrap $SUITE ($PKGS) from $mirror" >&2
   t0=$(date +%s)
-  debootstrap --variant=minbase --include="$PKGS" "$SUITE" "$TREE" "$mirror" >"$ROOT/build/rootfs/debootstrap-$key.log" 2>&1 || {
-    tail -20 "$ROOT/build/rootfs/debootstrap-$key.log" >&2; echo "build-rootfs: debootstrap failed" >&2; exit 1; }
+  dlog="$ROOT/build/rootfs/debootstrap-$key.log"
+  # One retry: a mirror hiccup should not fail CI.
+  if ! debootstrap --variant=minbase --include="$PKGS" "$SUITE" "$TREE" "$mirror" >"$dlog" 2>&1; then
+    echo "build-rootfs: debootstrap failed, retrying once" >&2
+    tail -5 "$dlog" >&2
+    rm -rf "$TREE"
+    debootstrap --variant=minbase --include="$PKGS" "$SUITE" "$TREE" "$mirror" >"$dlog" 2>&1 || {
+      tail -20 "$dlog" >&2; echo "build-rootfs: debootstrap failed" >&2; exit 1; }
+  fi
   # Shrink: package caches and docs are not needed inside the guest.
   rm -rf "$TREE"/var/cache/apt/archives/*.deb "$TREE"/var/lib/apt/lists/* \
          "$TREE"/usr/share/doc/* "$TREE"/usr/share/man/* "$TREE"/usr/share/locale/*

@@ -30,7 +30,11 @@ kver="${pkg#linux-image-}"
 deb="$(ls "$CACHE"/"${pkg}"_*.deb 2>/dev/null | head -1 || true)"
 if [ -z "$deb" ]; then
   echo "fetch-kernel: downloading $pkg" >&2
-  (cd "$CACHE" && apt-get download -q "$pkg" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2 || true)
+  for attempt in 1 2; do
+    (cd "$CACHE" && apt-get download -q "$pkg" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2 || true)
+    ls "$CACHE"/"${pkg}"_*.deb >/dev/null 2>&1 && break
+    echo "fetch-kernel: download attempt $attempt failed" >&2
+  done
   deb="$(ls "$CACHE"/"${pkg}"_*.deb 2>/dev/null | head -1 || true)"
   [ -n "$deb" ] || { echo "fetch-kernel: apt-get download $pkg failed" >&2; exit 1; }
 fi

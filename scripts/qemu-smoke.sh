@@ -56,7 +56,8 @@ fail() {
   cat "$OUT/qemu.out" >&2 || true
   exit 1
 }
-left() { echo $(( TIMEOUT - ($(date +%s) - t0 / 1000000000) )); }
+# Seconds left of the overall budget (at least 1: `timeout 0` would mean no limit).
+left() { local l=$(( TIMEOUT - ($(date +%s) - t0 / 1000000000) )); [ "$l" -ge 1 ] && echo "$l" || echo 1; }
 
 ctl() { timeout "$(left)" "$CTL" --connect "tcp:127.0.0.1:$port" "$@"; }
 
