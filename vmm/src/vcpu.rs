@@ -250,14 +250,21 @@ fn run_loop(
                 }
                 continue;
             }
-            Err(e) => format!("KVM_RUN failed: {e}"),
+            Err(e) => {
+                // Guest memory may be what failed (e.g. a page server that cannot serve a
+                // page leaves it inaccessible): report registers only, never read it.
+                return Some(VmExit::Error(format!(
+                    "vCPU {index}: KVM_RUN failed: {e}{}",
+                    where_(&vcpu, None)
+                )));
+            }
         };
-        return Some(VmExit::Error(format!("vCPU {index}: {exit}{}", where_(&vcpu, ram))));
+        return Some(VmExit::Error(format!("vCPU {index}: {exit}{}", where_(&vcpu, Some(ram)))));
     }
 }
 
-/// ` at rip 0x... (bytes: ..)`, best effort.
-fn where_(vcpu: &VcpuFd, ram: &GuestRam) -> String {
+/// ` at rip 0x... (bytes: ..)`, best effort; instruction bytes only when `ram` is given.
+fn where_(vcpu: &VcpuFd, ram: Option<&GuestRam>) -> String {
     let Ok(regs) = vcpu.get_regs() else {
         return String::new();
     };
@@ -265,6 +272,9 @@ fn where_(vcpu: &VcpuFd, ram: &GuestRam) -> String {
     if let Ok(sregs) = vcpu.get_sregs() {
         s.push_str(&format!(" (cs {:#x}, cr0 {:#x})", sregs.cs.selector, sregs.cr0));
     }
+    let Some(ram) = ram else {
+        return s;
+    };
     if let Ok(t) = vcpu.translate_gva(regs.rip) {
         if t.valid != 0 {
             let mut bytes = [0u8; 15];

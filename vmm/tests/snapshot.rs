@@ -1,0 +1,677 @@
+//! Snapshot, restore and fork tests: the test guest on /dev/kvm, driven through
+//! `grove-vmm run/restore --api-sock` and checked from the guest (its `T` stream,
+//! `ID=.. CHECKSUM=..` lines) and from the host (the memory layer chains, read with
+//! grove-storage).
+//!
+//! Without /dev/kvm every test prints `skipped: /dev/kvm not available`. No timing
+//! assertions: deadlines only keep a broken VMM from hanging the run, and every VMM
+//! is killed by PID when its guard drops.
+
+#![allow(clippy::tests_outside_test_module)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use grove_storage::memory::Chain;
+use grove_vmm::persist;
+use serde_json::{json, Value};
+
+const VMM: &str = env!("CARGO_BIN_EXE_grove-vmm");
+/// Hang guard (not a timing assertion).
+const DEADLINE: Duration = Duration::from_secs(120);
+const PATTERN_MUL: u64 = 0x9E37_79B9_7F4A_7C15;
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x100_0000_01b3;
+const MIB: u64 = 1 << 20;
+const REGION_START: u64 = 16 * MIB;
+const PAGE: u64 = 4096;
+
+fn kvm_available() -> bool {
+    let ok = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    if !ok {
+        println!("skipped: /dev/kvm not available");
+    }
+    ok
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("vmm/ has a parent").to_path_buf()
+}
+
+/// The test guest: `GROVE_TESTGUEST`, else built by scripts/build-testguest.sh.
+fn guest() -> String {
+    static GUEST: OnceLock<String> = OnceLock::new();
+    GUEST
+        .get_or_init(|| {
+            if let Some(p) = std::env::var_os("GROVE_TESTGUEST").filter(|p| !p.is_empty()) {
+                return p.to_string_lossy().into_owned();
+            }
+            let out = Command::new(repo_root().join("scripts/build-testguest.sh"))
+                .stderr(Stdio::inherit())
+                .output()
+                .expect("run scripts/build-testguest.sh");
+            assert!(out.status.success(), "build-testguest.sh failed");
+            let s = String::from_utf8(out.stdout).expect("utf-8");
+            s.lines().last().expect("a path").trim().to_string()
+        })
+        .clone()
+}
+
+/// A running grove-vmm whose stdout/stderr are collected as they arrive; killed by PID on drop.
+struct Vmm {
+    child: Child,
+    out: Arc<Mutex<String>>,
+    err: Arc<Mutex<String>>,
+    sock: Option<PathBuf>,
+}
+
+fn collect(mut r: impl Read + Send + 'static, into: Arc<Mutex<String>>) {
+    thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = r.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            let mut s = into.lock().unwrap();
+            s.push_str(&String::from_utf8_lossy(&buf[..n]));
+            // Keep memory bounded: the T stream is endless.
+            if s.len() > 4 << 20 {
+                let cut = s.len() - (1 << 20);
+                s.replace_range(..cut, "");
+            }
+        }
+    });
+}
+
+impl Vmm {
+    fn spawn(args: &[String], sock: Option<PathBuf>) -> Self {
+        let mut child = Command::new(VMM)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn grove-vmm");
+        let out = Arc::new(Mutex::new(String::new()));
+        let err = Arc::new(Mutex::new(String::new()));
+        collect(child.stdout.take().unwrap(), out.clone());
+        collect(child.stderr.take().unwrap(), err.clone());
+        Self { child, out, err, sock }
+    }
+
+    fn boot(cmdline: &str, mem_mib: u64, sock: &Path) -> Self {
+        let args = [
+            "run",
+            "--kernel",
+            &guest(),
+            "--cmdline",
+            cmdline,
+            "--mem-mib",
+            &mem_mib.to_string(),
+            "--api-sock",
+            sock.to_str().unwrap(),
+        ]
+        .map(String::from);
+        Self::spawn(&args, Some(sock.to_path_buf()))
+    }
+
+    fn restore(dir: &Path, mode: &str, identity: u32, sock: Option<&Path>) -> Self {
+        let mut args: Vec<String> = [
+            "restore",
+            "--snapshot",
+            dir.to_str().unwrap(),
+            "--mem-mode",
+            mode,
+            "--identity",
+            &identity.to_string(),
+        ]
+        .map(String::from)
+        .to_vec();
+        if let Some(s) = sock {
+            args.push("--api-sock".into());
+            args.push(s.to_str().unwrap().into());
+        }
+        Self::spawn(&args, sock.map(Path::to_path_buf))
+    }
+
+    fn stdout(&self) -> String {
+        self.out.lock().unwrap().clone()
+    }
+
+    fn stderr(&self) -> String {
+        self.err.lock().unwrap().clone()
+    }
+
+    fn dump(&self) -> String {
+        let o = self.stdout();
+        let tail: String =
+            o.chars().rev().take(600).collect::<Vec<_>>().into_iter().rev().collect();
+        format!("--- stdout tail ---\n{tail}\n--- stderr ---\n{}", self.stderr())
+    }
+
+    /// Waits until `pred(stdout)` holds; panics (with the output) at the deadline or if the
+    /// VMM exits first.
+    fn wait_for(&mut self, what: &str, pred: impl Fn(&str) -> bool) {
+        let t = Instant::now();
+        loop {
+            if pred(&self.stdout()) {
+                return;
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                thread::sleep(Duration::from_millis(50));
+                if pred(&self.stdout()) {
+                    return;
+                }
+                panic!("grove-vmm exited ({st}) before {what}\n{}", self.dump());
+            }
+            assert!(t.elapsed() < DEADLINE, "timed out waiting for {what}\n{}", self.dump());
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Waits for `n` more `T`s after the current output.
+    fn wait_ts(&mut self, n: usize) {
+        let base = self.stdout().len();
+        self.wait_for(&format!("{n} more Ts"), |s| {
+            s.get(base..).is_some_and(|t| t.matches('T').count() >= n)
+        });
+    }
+
+    /// Waits for the exit; returns (success, stderr).
+    fn wait_exit(&mut self) -> (bool, String) {
+        let t = Instant::now();
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                thread::sleep(Duration::from_millis(50));
+                return (st.success(), self.stderr());
+            }
+            assert!(t.elapsed() < DEADLINE, "grove-vmm did not exit\n{}", self.dump());
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn api(&self) -> Api {
+        Api::connect(self.sock.as_deref().expect("started with --api-sock"))
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A control-socket client.
+struct Api {
+    w: UnixStream,
+    r: BufReader<UnixStream>,
+}
+
+impl Api {
+    fn connect(path: &Path) -> Self {
+        let t = Instant::now();
+        loop {
+            if let Ok(s) = UnixStream::connect(path) {
+                let r = BufReader::new(s.try_clone().unwrap());
+                return Self { w: s, r };
+            }
+            assert!(t.elapsed() < DEADLINE, "no control socket at {}", path.display());
+            thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn raw(&mut self, line: &str) -> Value {
+        self.w.write_all(line.as_bytes()).unwrap();
+        self.w.write_all(b"\n").unwrap();
+        let mut reply = String::new();
+        self.r.read_line(&mut reply).unwrap();
+        serde_json::from_str(&reply).unwrap_or_else(|e| panic!("bad reply {reply:?}: {e}"))
+    }
+
+    fn call(&mut self, req: &Value) -> Value {
+        let v = self.raw(&req.to_string());
+        assert_eq!(v["ok"], json!(true), "request {req} failed: {v}");
+        v
+    }
+
+    fn snapshot(&mut self, kind: &str, dir: &Path) -> Value {
+        self.call(&json!({"cmd": "snapshot", "kind": kind, "dir": dir}))
+    }
+
+    fn fork(&mut self, dir: &Path) -> Value {
+        self.call(&json!({"cmd": "fork", "dir": dir}))
+    }
+}
+
+fn pattern(a: u64, seed: u64) -> u64 {
+    a.wrapping_mul(PATTERN_MUL) ^ seed
+}
+
+/// The guest's fork-mode checksum: `touch_mib` from 16 MiB (small guests: no MMIO gap),
+/// first page re-seeded with the identity.
+fn fork_checksum(touch_mib: u64, identity: u64) -> u64 {
+    let mut h = FNV_OFFSET;
+    let mut a = REGION_START;
+    while a < REGION_START + touch_mib * MIB {
+        let s = if a < REGION_START + PAGE { identity } else { 0 };
+        h = (h ^ pattern(a, s)).wrapping_mul(FNV_PRIME);
+        a += 8;
+    }
+    h
+}
+
+fn id_line(identity: u64, touch_mib: u64) -> String {
+    format!("ID={identity} CHECKSUM={:#018x}", fork_checksum(touch_mib, identity))
+}
+
+/// The first 64-bit word of each page of `[gpa, gpa + pages*4 KiB)` as the chain of the
+/// snapshot in `dir` resolves it (low memory: memory page number = gpa / 4 KiB).
+fn first_words(dir: &Path, gpa: u64, pages: u64) -> Vec<u64> {
+    let state = persist::read_state(dir).expect("state file");
+    let chain = Chain::open(&state.layers).expect("layer chain");
+    let mut buf = vec![0u8; usize::try_from(pages * PAGE).unwrap()];
+    chain.read_pages(gpa / PAGE, &mut buf).expect("read pages");
+    buf.chunks_exact(PAGE as usize)
+        .map(|p| u64::from_le_bytes(p[..8].try_into().unwrap()))
+        .collect()
+}
+
+/// Busy-mode invariant: counter `n` goes to region page `n % P`. A consistent image has
+/// consecutive counters page to page except at most one wrap point (where the round robin
+/// stands), and there the step is `1 - P`. A torn image (pages from different instants)
+/// breaks it.
+fn assert_round_robin_consistent(words: &[u64], what: &str) {
+    let p = words.len() as u64;
+    let mut breaks = Vec::new();
+    for i in 0..words.len() - 1 {
+        if words[i + 1] != words[i].wrapping_add(1) {
+            breaks.push(i);
+        }
+    }
+    assert!(
+        breaks.len() <= 1,
+        "{what}: {} breaks in the round-robin counters at pages {:?} (first words {:?}..)",
+        breaks.len(),
+        &breaks[..breaks.len().min(8)],
+        &words[..words.len().min(8)]
+    );
+    if let Some(&i) = breaks.first() {
+        assert_eq!(
+            words[i].wrapping_sub(words[i + 1]),
+            p - 1,
+            "{what}: wrap point at page {i} does not step back by P-1"
+        );
+    }
+}
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("grove-snap-").tempdir().expect("tempdir")
+}
+
+/// A fork-mode parent with `touch_mib` MiB touched, READY and running.
+fn fork_parent(dir: &Path, touch_mib: u64) -> Vmm {
+    let mut p =
+        Vmm::boot(&format!("tg.mode=fork tg.touch_mib={touch_mib}"), 64, &dir.join("parent.sock"));
+    p.wait_for("READY", |s| s.contains("READY"));
+    p.wait_ts(20);
+    p
+}
+
+#[test]
+fn restored_guest_continues_where_it_stopped() {
+    if !kvm_available() {
+        return;
+    }
+    let d = tmp();
+    let mut parent = fork_parent(d.path(), 8);
+    let mut api = parent.api();
+    // Pause: no T while paused; resume: the stream continues.
+    api.call(&json!({"cmd": "pause"}));
+    assert_eq!(api.call(&json!({"cmd": "status"}))["state"], json!("paused"));
+    let snap = d.path().join("s");
+    api.snapshot("full", &snap);
+    api.call(&json!({"cmd": "resume"}));
+    parent.wait_ts(20);
+    drop(api);
+    drop(parent);
+    for (mode, id) in [("mmap", 5u64), ("uffd", 6)] {
+        let sock = d.path().join(format!("{mode}.sock"));
+        let mut child = Vmm::restore(&snap, mode, u32::try_from(id).unwrap(), Some(&sock));
+        // The guest was in its T loop: it continues there, sees the new identity,
+        // rewrites its first page and prints the checksum of the region it had filled.
+        let want = id_line(id, 8);
+        child.wait_for(&want, |s| s.contains(&want));
+        assert!(!child.stdout().contains("READY"), "a restored guest does not boot again");
+        child.wait_ts(50);
+        let st = child.api().call(&json!({"cmd": "status"}));
+        assert_eq!(st["generation"], json!(1), "{st}");
+        assert_eq!(st["identity"], json!(id), "{st}");
+    }
+}
+
+#[test]
+fn bad_requests_leave_the_vm_running() {
+    if !kvm_available() {
+        return;
+    }
+    let d = tmp();
+    let mut parent = fork_parent(d.path(), 2);
+    let mut api = parent.api();
+    for bad in [
+        "{\"cmd\":\"explode\"}",
+        "not json",
+        "{\"cmd\":\"snapshot\",\"kind\":\"diff\",\"dir\":\"/nonexistent-grove/x\"}",
+        "{\"cmd\":\"snapshot\",\"kind\":\"sideways\",\"dir\":\"/tmp/x\"}",
+        "{\"cmd\":\"save-working-set\"}",
+    ] {
+        let v = api.raw(bad);
+        assert_eq!(v["ok"], json!(false), "{bad} must fail: {v}");
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+    }
+    // diff without a base names the problem.
+    let v =
+        api.raw(&json!({"cmd": "snapshot", "kind": "diff", "dir": d.path().join("x")}).to_string());
+    assert!(v["error"].as_str().unwrap().contains("full snapshot first"), "{v}");
+    // A snapshot into a directory that already holds one is refused.
+    let s = d.path().join("s");
+    api.snapshot("full", &s);
+    let v = api.raw(&json!({"cmd": "snapshot", "kind": "full", "dir": s}).to_string());
+    assert_eq!(v["ok"], json!(false), "{v}");
+    assert_eq!(api.call(&json!({"cmd": "status"}))["state"], json!("running"));
+    parent.wait_ts(50);
+}
+
+#[test]
+fn forked_children_are_independent() {
+    if !kvm_available() {
+        return;
+    }
+    let d = tmp();
+    let touch = 4;
+    let mut parent = fork_parent(d.path(), touch);
+    let mut api = parent.api();
+    let fork_dir = d.path().join("fork");
+    api.fork(&fork_dir);
+    parent.wait_ts(20); // the parent runs on
+    let mut children = Vec::new();
+    for id in 1..=4u32 {
+        let sock = d.path().join(format!("c{id}.sock"));
+        let mode = if id % 2 == 0 { "uffd" } else { "mmap" };
+        children.push((id, Vmm::restore(&fork_dir, mode, id, Some(&sock))));
+    }
+    for (id, c) in &mut children {
+        let want = id_line(u64::from(*id), touch);
+        c.wait_for(&want, |s| s.contains(&want));
+        // Only its own write: no other child's ID line in its output.
+        for other in 1..=4u32 {
+            if other != *id {
+                assert!(!c.stdout().contains(&format!("ID={other} ")), "child {id} saw {other}");
+            }
+        }
+        c.wait_ts(20);
+    }
+    // Host side: each child's memory (a diff snapshot of it) holds its own first page;
+    // the parent's still holds seed 0.
+    for (id, c) in &children {
+        let dir = d.path().join(format!("child{id}"));
+        c.api().snapshot("diff", &dir);
+        let w = first_words(&dir, REGION_START, 2);
+        assert_eq!(w[0], pattern(REGION_START, u64::from(*id)), "child {id} first page");
+        assert_eq!(w[1], pattern(REGION_START + PAGE, 0), "child {id} second page");
+    }
+    let pdir = d.path().join("parent-after");
+    api.snapshot("diff", &pdir);
+    assert_eq!(first_words(&pdir, REGION_START, 1)[0], pattern(REGION_START, 0));
+    assert!(!parent.stdout().contains("ID="), "the parent never sees a child's identity");
+}
+
+#[test]
+fn chain_of_depth_ten_restores() {
+    if !kvm_available() {
+        return;
+    }
+    let d = tmp();
+    let touch = 2;
+    let parent = fork_parent(d.path(), touch);
+    let mut prev = d.path().join("g0");
+    parent.api().fork(&prev);
+    drop(parent);
+    // Each generation restores the previous one with a new identity (which rewrites a
+    // page), then takes a diff on top: the chain grows by one layer per generation.
+    for g in 1..=10u32 {
+        let sock = d.path().join(format!("g{g}.sock"));
+        let mode = if g % 3 == 0 { "uffd" } else { "mmap" };
+        let mut c = Vmm::restore(&prev, mode, g, Some(&sock));
+        let want = id_line(u64::from(g), touch);
+        c.wait_for(&want, |s| s.contains(&want));
+        let next = d.path().join(format!("g{g}"));
+        let st = c.api().snapshot("diff", &next)["snapshot"].clone();
+        // The first fork wrote a pre-copied full layer and a diff: depth 2 at g0.
+        assert_eq!(st["depth"], json!(g + 2), "{st}");
+        prev = next;
+    }
+    let state = persist::read_state(&prev).unwrap();
+    assert_eq!(state.layers.len(), 12);
+    assert_eq!(state.devices.generation, 10);
+    assert_eq!(first_words(&prev, REGION_START, 1)[0], pattern(REGION_START, 10));
+    for (mode, id) in [("mmap", 77u32), ("uffd", 78)] {
+        let sock = d.path().join(format!("final-{mode}.sock"));
+        let mut c = Vmm::restore(&prev, mode, id, Some(&sock));
+        let want = id_line(u64::from(id), touch);
+        c.wait_for(&want, |s| s.contains(&want));
+        assert_eq!(c.api().call(&json!({"cmd": "status"}))["generation"], json!(11));
+    }
+}
+
+/// Tiny deterministic PRNG for the property test (xorshift64*).
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+#[test]
+fn dirty_tracking_matches_the_round_robin_model() {
+    if !kvm_available() {
+        return;
+    }
+    // The busy guest writes counter n into region page n % P. Every snapshot of the chain
+    // (pre-copied fork, then diffs at random moments) must resolve to one instant of that
+    // model: a page missed by the dirty log would keep an older counter and break it.
+    let d = tmp();
+    let touch = 2; // 512 pages: the round robin wraps many times between snapshots.
+    let pages = touch * MIB / PAGE;
+    let mut vm =
+        Vmm::boot(&format!("tg.mode=busy tg.touch_mib={touch}"), 64, &d.path().join("b.sock"));
+    vm.wait_for("READY", |s| s.contains("READY"));
+    vm.wait_ts(10);
+    let mut api = vm.api();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let first = d.path().join("s0");
+    api.fork(&first);
+    let w = first_words(&first, REGION_START, pages);
+    assert_round_robin_consistent(&w, "pre-copied fork");
+    let mut last = w;
+    for i in 1..=12 {
+        thread::sleep(Duration::from_micros(rng.next() % 30_000));
+        let dir = d.path().join(format!("s{i}"));
+        let kind = if i % 4 == 0 { "full" } else { "diff" };
+        if i % 5 == 0 {
+            api.fork(&dir);
+        } else {
+            api.snapshot(kind, &dir);
+        }
+        let w = first_words(&dir, REGION_START, pages);
+        assert_round_robin_consistent(&w, &format!("snapshot {i} ({kind})"));
+        assert!(w.iter().max() > last.iter().max(), "snapshot {i}: the guest made progress");
+        last = w;
+    }
+    vm.wait_ts(10);
+}
+
+#[test]
+fn fork_while_the_guest_is_busy() {
+    if !kvm_available() {
+        return;
+    }
+    let d = tmp();
+    let touch = 8;
+    let pages = touch * MIB / PAGE;
+    let mut parent =
+        Vmm::boot(&format!("tg.mode=busy tg.touch_mib={touch}"), 64, &d.path().join("p.sock"));
+    parent.wait_for("READY", |s| s.contains("READY"));
+    parent.wait_ts(10);
+    let mut api = parent.api();
+    let f1 = d.path().join("f1");
+    let r = api.fork(&f1);
+    assert!(r["snapshot"]["pages"].as_u64().unwrap() >= pages, "{r}");
+    assert_round_robin_consistent(&first_words(&f1, REGION_START, pages), "first fork");
+    parent.wait_ts(10);
+    let f2 = d.path().join("f2");
+    api.fork(&f2); // a diff fork on top of the first
+    assert_round_robin_consistent(&first_words(&f2, REGION_START, pages), "second fork");
+    parent.wait_ts(10);
+    let mut kids: Vec<Vmm> = (1..=3u32)
+        .map(|i| {
+            let sock = d.path().join(format!("k{i}.sock"));
+            Vmm::restore(&f2, if i == 2 { "uffd" } else { "mmap" }, i, Some(&sock))
+        })
+        .collect();
+    for (i, k) in kids.iter_mut().enumerate() {
+        k.wait_ts(50);
+        // The child keeps writing from where the parent was: its own snapshot stays a
+        // consistent round robin too.
+        let dir = d.path().join(format!("k{i}-snap"));
+        k.api().snapshot("diff", &dir);
+        assert_round_robin_consistent(&first_words(&dir, REGION_START, pages), "child snapshot");
+    }
+    parent.wait_ts(10);
+}
+
+/// Copies a snapshot dir (state file only; layers stay where the state file says).
+fn copy_state(from: &Path, to: &Path) -> PathBuf {
+    std::fs::create_dir_all(to).unwrap();
+    std::fs::copy(from.join(persist::STATE_FILE), to.join(persist::STATE_FILE)).unwrap();
+    to.to_path_buf()
+}
+
+fn restore_error(dir: &Path, mode: &str) -> String {
+    let mut c = Vmm::restore(dir, mode, 1, None);
+    let (ok, err) = c.wait_exit();
+    assert!(!ok, "restore of {} must fail", dir.display());
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "one-line error expected, got:\n{err}");
+    assert!(lines[0].starts_with("grove-vmm: error: "), "{err}");
+    lines[0].to_string()
+}
+
+#[test]
+fn corrupt_truncated_and_mismatched_snapshots_fail_clearly() {
+    if !kvm_available() {
+        return;
+    }
+    let d = tmp();
+    let parent = fork_parent(d.path(), 2);
+    let snap = d.path().join("s");
+    parent.api().snapshot("full", &snap);
+    drop(parent);
+    let state_bytes = std::fs::read(snap.join(persist::STATE_FILE)).unwrap();
+
+    let c = copy_state(&snap, &d.path().join("flip"));
+    let mut b = state_bytes.clone();
+    let n = b.len();
+    b[n / 2] ^= 0x01;
+    std::fs::write(c.join(persist::STATE_FILE), &b).unwrap();
+    assert!(restore_error(&c, "mmap").contains("checksum mismatch"));
+
+    let c = copy_state(&snap, &d.path().join("trunc"));
+    std::fs::write(c.join(persist::STATE_FILE), &state_bytes[..n - 100]).unwrap();
+    assert!(restore_error(&c, "mmap").contains("truncated"));
+
+    let c = copy_state(&snap, &d.path().join("magic"));
+    std::fs::write(c.join(persist::STATE_FILE), b"hello world, not a state file at all....")
+        .unwrap();
+    assert!(restore_error(&c, "mmap").contains("bad magic"));
+
+    let c = copy_state(&snap, &d.path().join("version"));
+    let mut b = state_bytes.clone();
+    b[8] = 99;
+    std::fs::write(c.join(persist::STATE_FILE), &b).unwrap();
+    assert!(restore_error(&c, "uffd").contains("version 99"));
+
+    // Another CPUID set: a valid file whose fingerprint differs.
+    let c = d.path().join("cpuid");
+    std::fs::create_dir_all(&c).unwrap();
+    let mut s = persist::read_state(&snap).unwrap();
+    s.cpuid_fingerprint ^= 1;
+    persist::write_state(&c, &s, false).unwrap();
+    assert!(restore_error(&c, "mmap").contains("another CPU"));
+
+    // A corrupted memory layer (header byte) and a truncated one.
+    let layer = PathBuf::from(&persist::read_state(&snap).unwrap().layers[0]);
+    let bytes = std::fs::read(&layer).unwrap();
+    for (name, data) in [
+        ("layer-flip", {
+            let mut v = bytes.clone();
+            v[20] ^= 0xff;
+            v
+        }),
+        ("layer-trunc", bytes[..bytes.len() - 4096].to_vec()),
+    ] {
+        let c = d.path().join(name);
+        std::fs::create_dir_all(&c).unwrap();
+        let copy = c.join("0000.mlayer");
+        std::fs::write(&copy, &data).unwrap();
+        let mut s = persist::read_state(&snap).unwrap();
+        s.layers = vec![copy.display().to_string()];
+        persist::write_state(&c, &s, false).unwrap();
+        let e = restore_error(&c, "mmap");
+        assert!(e.contains("memory layer"), "{name}: {e}");
+    }
+
+    // No state file at all.
+    let e = restore_error(&d.path().join("nothing-here"), "mmap");
+    assert!(e.contains("vmstate"), "{e}");
+}
+
+#[test]
+fn a_failed_page_server_fails_the_vm() {
+    if !kvm_available() {
+        return;
+    }
+    let d = tmp();
+    let touch = 128;
+    let mut p =
+        Vmm::boot(&format!("tg.mode=busy tg.touch_mib={touch}"), 256, &d.path().join("p.sock"));
+    p.wait_for("READY", |s| s.contains("READY"));
+    let snap = d.path().join("s");
+    p.api().snapshot("full", &snap);
+    drop(p);
+    // The child's chain is a copy of the layer, which is cut short once the child runs:
+    // the page server cannot serve the pages past the cut.
+    let c = d.path().join("c");
+    std::fs::create_dir_all(&c).unwrap();
+    let mut s = persist::read_state(&snap).unwrap();
+    let copy = c.join("0000.mlayer");
+    std::fs::copy(&s.layers[0], &copy).unwrap();
+    s.layers = vec![copy.display().to_string()];
+    persist::write_state(&c, &s, false).unwrap();
+    let mut child = Vmm::restore(&c, "uffd", 1, None);
+    child.wait_for("the first T", |s| s.contains('T'));
+    let f = std::fs::OpenOptions::new().write(true).open(&copy).unwrap();
+    f.set_len(64 * 1024).unwrap();
+    let (ok, err) = child.wait_exit();
+    assert!(!ok, "the VM must fail, not run on or hang\n{err}");
+    assert!(err.contains("page server"), "the error names the page server: {err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+}
