@@ -3,13 +3,18 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use super::format::{LayerKind, Run};
+use std::os::unix::fs::FileExt;
+
+use super::format::{self, LayerHeader, LayerKind, Run};
 use super::layer::{Layer, LayerInfo};
-use super::writer::{write_diff, write_full, RegionMemory, WriteOptions};
+use super::writer::{is_zero, NewLayer, WriteOptions};
 use super::{LayerError, LayerId, MemoryLayout};
 
 /// File extension of layer files in a snapshot directory ([`Chain::open_dir`]).
 pub const LAYER_EXT: &str = "mlayer";
+
+/// Bytes read per step when merging.
+const MERGE_CHUNK: usize = 1 << 20;
 
 /// Deepest chain accepted.
 pub const MAX_DEPTH: usize = 4096;
@@ -257,62 +262,78 @@ impl Chain {
 
     /// Merges layers `from ..` into one layer at `path`: a full layer when `from`
     /// is 0 (flatten), otherwise a diff layer on top of layer `from - 1`.
-    /// The result restores to the same memory as this chain.
+    /// The result restores to the same memory as this chain. Streams the pages from
+    /// their owners in 1 MiB chunks (zero pages stay holes); a flattened layer may
+    /// list pages that are zero (as holes), which reads the same.
     pub fn merge(
         &self,
         from: usize,
         path: impl AsRef<Path>,
         opts: &WriteOptions,
     ) -> Result<LayerInfo, LayerError> {
+        let path = path.as_ref();
         if from >= self.layers.len() {
             return Err(LayerError::Input(format!(
                 "merge from layer {from} of a {}-layer chain",
                 self.layers.len()
             )));
         }
-        // Materialise the merged content region by region, with a bitmap of the
-        // pages the merged layers own. This costs guest-memory-sized RAM; merging is
-        // an offline operation.
-        let layout = self.layout();
+        let layout = self.layout().clone();
         let ps = layout.page_size as usize;
-        let firsts = layout.region_first_pages();
-        let mut bufs: Vec<Vec<u8>> = Vec::new();
-        let mut maps: Vec<Vec<u64>> = Vec::new();
-        for (ri, r) in layout.regions.iter().enumerate() {
-            let len = usize::try_from(r.len).map_err(|_| LayerError::Input("region".into()))?;
-            let pages = len / ps;
-            let mut buf = vec![0u8; len];
-            let mut bm = vec![0u64; pages.div_ceil(64)];
-            let (a, b) = (firsts[ri], firsts[ri] + pages as u64);
-            let start = self.segments.partition_point(|s| s.end() <= a);
-            for s in self.segments[start..].iter().take_while(|s| s.start < b) {
-                if s.layer < from {
-                    continue;
-                }
-                let (lo, hi) = (s.start.max(a), s.end().min(b));
-                let off = usize::try_from(lo - a).unwrap_or(usize::MAX) * ps;
-                let n = usize::try_from(hi - lo).unwrap_or(usize::MAX);
-                self.layers[s.layer].read_pages(lo, &mut buf[off..off + n * ps])?;
-                for i in off / ps..off / ps + n {
-                    bm[i / 64] |= 1 << (i % 64);
-                }
+        let pieces: Vec<Segment> =
+            self.segments.iter().filter(|s| s.layer >= from).copied().collect();
+        let mut runs: Vec<Run> = Vec::new();
+        for s in &pieces {
+            match runs.last_mut() {
+                Some(r) if r.end() == s.start => r.count += s.count,
+                _ => runs.push(Run { start: s.start, count: s.count }),
             }
-            bufs.push(buf);
-            maps.push(bm);
         }
-        let regions: Vec<RegionMemory<'_>> = layout
-            .regions
-            .iter()
-            .zip(bufs.iter().zip(maps.iter()))
-            .map(|(r, (b, m))| RegionMemory { gpa: r.gpa, mem: b, dirty: Some(m) })
-            .collect();
-        let mut o = opts.clone();
-        o.page_size = Some(layout.page_size);
-        if from == 0 {
-            write_full(path, &regions, &o)
-        } else {
-            write_diff(path, &self.layers[from - 1].info(), &regions, &o)
+        let (kind, parent) = match from {
+            0 => (LayerKind::Full, None),
+            _ => (LayerKind::Diff, Some(self.layers[from - 1].header.id)),
+        };
+        let id = opts.id.unwrap_or_else(LayerId::random);
+        let index = format::encode_index(&runs);
+        let header = LayerHeader::new(kind, id, parent, layout, &runs, &index)?;
+        let out = NewLayer::create(path, header.file_len)?;
+        let chunk_pages = (MERGE_CHUNK / ps).max(1);
+        let mut buf = vec![0u8; chunk_pages * ps];
+        let mut data_bytes = 0u64;
+        for s in &pieces {
+            let mut p = s.start;
+            while p < s.end() {
+                let n = usize::try_from((s.end() - p).min(chunk_pages as u64)).unwrap_or(1);
+                self.layers[s.layer].read_pages(p, &mut buf[..n * ps])?;
+                let mut i = 0;
+                while i < n {
+                    if is_zero(&buf[i * ps..(i + 1) * ps]) {
+                        i += 1;
+                        continue;
+                    }
+                    let mut j = i + 1;
+                    while j < n && !is_zero(&buf[j * ps..(j + 1) * ps]) {
+                        j += 1;
+                    }
+                    out.file
+                        .write_all_at(&buf[i * ps..j * ps], header.page_offset(p + i as u64))
+                        .map_err(|e| LayerError::io("write pages", &out.tmp, e))?;
+                    data_bytes += ((j - i) * ps) as u64;
+                    i = j;
+                }
+                p += n as u64;
+            }
         }
+        out.finish(path, &header, &index, opts.fsync)?;
+        Ok(LayerInfo {
+            path: path.to_path_buf(),
+            id,
+            parent,
+            kind,
+            layout: header.layout,
+            present_pages: header.present_pages,
+            data_bytes,
+        })
     }
 
     /// Merges the whole chain into one full layer at `path`.

@@ -155,24 +155,8 @@ fn write_layer(
     let index = format::encode_index(&runs);
     let header = LayerHeader::new(kind, id, parent.map(|p| p.id), layout, &runs, &index)?;
 
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .ok_or_else(|| LayerError::Input(format!("{} has no file name", path.display())))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}-{:x}",
-        name.to_string_lossy(),
-        std::process::id(),
-        LayerId::random().0 as u32
-    ));
-    let mut guard = TmpGuard(Some(tmp.clone()));
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .open(&tmp)
-        .map_err(|e| LayerError::io("create", &tmp, e))?;
-    file.set_len(header.file_len).map_err(|e| LayerError::io("set length", &tmp, e))?;
+    let out = NewLayer::create(path, header.file_len)?;
+    let (file, tmp) = (&out.file, out.tmp.as_path());
 
     let first_pages = header.layout.region_first_pages();
     // Write the present non-zero pages, one pwrite per contiguous stretch inside a
@@ -184,7 +168,7 @@ fn write_layer(
         if let Some((ri, off, len, page)) = p {
             let at = header.page_offset(page);
             file.write_all_at(&regions[ri].mem[off..off + len], at)
-                .map_err(|e| LayerError::io("write pages", &tmp, e))?;
+                .map_err(|e| LayerError::io("write pages", tmp, e))?;
             data_bytes += len as u64;
         }
         Ok(())
@@ -216,20 +200,7 @@ fn write_layer(
         }
     }
     flush(pending.take())?;
-    file.write_all_at(&index, HEADER_SIZE as u64)
-        .map_err(|e| LayerError::io("write index", &tmp, e))?;
-    file.write_all_at(&header.encode(), 0).map_err(|e| LayerError::io("write header", &tmp, e))?;
-    if opts.fsync {
-        file.sync_all().map_err(|e| LayerError::io("fsync", &tmp, e))?;
-    }
-    drop(file);
-    std::fs::rename(&tmp, path).map_err(|e| LayerError::io("rename", path, e))?;
-    guard.0 = None;
-    if opts.fsync {
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| LayerError::io("fsync directory", dir, e))?;
-    }
+    out.finish(path, &header, &index, opts.fsync)?;
     Ok(LayerInfo {
         path: path.to_path_buf(),
         id,
@@ -239,6 +210,68 @@ fn write_layer(
         present_pages: header.present_pages,
         data_bytes,
     })
+}
+
+/// A layer file being written under a temporary name in the target's directory;
+/// removed on drop unless [`NewLayer::finish`] renamed it into place.
+pub(crate) struct NewLayer {
+    pub(crate) file: File,
+    pub(crate) tmp: PathBuf,
+    dir: PathBuf,
+    guard: TmpGuard,
+}
+
+impl NewLayer {
+    /// Creates the temporary file for `path`, sparse, `file_len` bytes long.
+    pub(crate) fn create(path: &Path, file_len: u64) -> Result<Self, LayerError> {
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let name = path
+            .file_name()
+            .ok_or_else(|| LayerError::Input(format!("{} has no file name", path.display())))?;
+        let tmp = dir.join(format!(
+            ".{}.tmp-{}-{:x}",
+            name.to_string_lossy(),
+            std::process::id(),
+            LayerId::random().0 as u32
+        ));
+        let guard = TmpGuard(Some(tmp.clone()));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&tmp)
+            .map_err(|e| LayerError::io("create", &tmp, e))?;
+        file.set_len(file_len).map_err(|e| LayerError::io("set length", &tmp, e))?;
+        Ok(Self { file, tmp, dir: dir.to_path_buf(), guard })
+    }
+
+    /// Writes the index and the header, fsyncs if asked, renames into place.
+    pub(crate) fn finish(
+        mut self,
+        path: &Path,
+        header: &LayerHeader,
+        index: &[u8],
+        fsync: bool,
+    ) -> Result<(), LayerError> {
+        let tmp = &self.tmp;
+        self.file
+            .write_all_at(index, HEADER_SIZE as u64)
+            .map_err(|e| LayerError::io("write index", tmp, e))?;
+        self.file
+            .write_all_at(&header.encode(), 0)
+            .map_err(|e| LayerError::io("write header", tmp, e))?;
+        if fsync {
+            self.file.sync_all().map_err(|e| LayerError::io("fsync", tmp, e))?;
+        }
+        std::fs::rename(tmp, path).map_err(|e| LayerError::io("rename", path, e))?;
+        self.guard.0 = None;
+        if fsync {
+            File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| LayerError::io("fsync directory", &self.dir, e))?;
+        }
+        Ok(())
+    }
 }
 
 /// Makes a layer written with `fsync: false` durable: fsyncs the file and its
