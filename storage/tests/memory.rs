@@ -567,6 +567,62 @@ fn concurrent_faults_from_many_threads_are_all_served() {
     assert!(u.failure().is_none());
 }
 
+thread_local! {
+    static UFFD: bool = uffd_available();
+}
+
+#[test]
+fn zero_pages_are_holes_and_layers_are_sparse() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = Guest::new(&[16384]); // 64 MiB
+    g.write(100, 1);
+    g.write(9000, 2);
+    let full = g.full(&dir.path().join("0000.mlayer"));
+    assert_eq!(full.present_pages, 2);
+    assert_eq!(full.data_bytes, 2 * PS as u64);
+    let md = std::fs::metadata(&full.path).unwrap();
+    assert!(md.len() >= 64 << 20, "apparent size covers guest memory");
+    assert!(md.blocks() * 512 < 1 << 20, "allocated {} bytes", md.blocks() * 512);
+    // A dirty page that became zero is listed (it overrides the parent) but not written.
+    g.write(100, 0);
+    g.write(5, 3);
+    let d = g.diff(&dir.path().join("0001.mlayer"), &full);
+    assert_eq!(d.present_pages, 2);
+    assert_eq!(d.data_bytes, PS as u64);
+    let chain = Chain::open(&[&full.path, &d.path]).unwrap();
+    assert_eq!(chain.owner_of(100), Some(1));
+    assert_eq!(chain.owner_of(9000), Some(0));
+    assert_eq!(chain.owner_of(7), None);
+    g.assert_same(restore_mmap(&chain, &MmapOptions::default()).unwrap().regions());
+}
+
+#[test]
+fn open_dir_refuses_branches_and_strays() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_g, base, d) = write_layer_for_errors(dir.path());
+    assert_eq!(Chain::open_dir(dir.path()).unwrap().head().id, d.id);
+    // Two children of one parent: a fork tree, not a chain.
+    let mut g2 = Guest::new(&[16]);
+    for p in 0..16 {
+        g2.write(p, p as u8 + 1);
+    }
+    g2.clear_dirty();
+    g2.write(7, 42);
+    g2.diff(&dir.path().join("0002.mlayer"), &base);
+    let e = Chain::open_dir(dir.path()).unwrap_err();
+    assert!(matches!(e, LayerError::BadChain(_)), "{e}");
+    std::fs::remove_file(dir.path().join("0002.mlayer")).unwrap();
+    // A second base.
+    let mut g3 = Guest::new(&[16]);
+    g3.write(1, 1);
+    g3.full(&dir.path().join("0003.mlayer"));
+    assert!(matches!(Chain::open_dir(dir.path()), Err(LayerError::BadChain(_))));
+    // An empty directory.
+    let empty = tempfile::tempdir().unwrap();
+    assert!(matches!(Chain::open_dir(empty.path()), Err(LayerError::BadChain(_))));
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Write { page: usize, v: u8 },
@@ -611,5 +667,9 @@ proptest! {
         model.assert_same(m.regions());
         let small = restore_mmap(&chain, &MmapOptions { max_mappings: 4 }).unwrap();
         model.assert_same(small.regions());
+        if UFFD.with(|u| *u) {
+            let u = UffdMemory::start(Arc::new(chain), &UffdOptions::default()).unwrap();
+            model.assert_same(u.regions());
+        }
     }
 }
