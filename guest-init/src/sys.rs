@@ -478,3 +478,106 @@ pub fn exec(path: &str, args: &[&str]) -> io::Error {
     unsafe { libc::execv(p.as_ptr(), ptrs.as_ptr()) };
     io::Error::last_os_error()
 }
+
+fn cname(name: &std::ffi::OsStr) -> io::Result<CString> {
+    use std::os::unix::ffi::OsStrExt;
+    CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// openat2(2) relative to `dir` with `resolve` flags (RESOLVE_IN_ROOT etc.); O_CLOEXEC added.
+pub fn openat2(
+    dir: &impl AsRawFd,
+    path: &Path,
+    flags: i32,
+    mode: u32,
+    resolve: u64,
+) -> io::Result<OwnedFd> {
+    let p = cpath(path)?;
+    // struct open_how from <linux/openat2.h> (libc's is non-exhaustive).
+    #[repr(C)]
+    struct OpenHow {
+        flags: u64,
+        mode: u64,
+        resolve: u64,
+    }
+    let how = OpenHow {
+        flags: u64::try_from(flags | libc::O_CLOEXEC)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
+        mode: u64::from(mode),
+        resolve,
+    };
+    // SAFETY: `p` is a valid C string and `how` a valid open_how of the size passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            p.as_ptr(),
+            std::ptr::addr_of!(how),
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = RawFd::try_from(r).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    // SAFETY: openat2 returned a fresh fd owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// openat(2) of a single name (no '/') in `dir`; O_CLOEXEC added.
+pub fn openat(dir: &impl AsRawFd, name: &std::ffi::OsStr, flags: i32) -> io::Result<OwnedFd> {
+    let n = cname(name)?;
+    // SAFETY: valid C string; the fd is checked below.
+    let fd = check(unsafe { libc::openat(dir.as_raw_fd(), n.as_ptr(), flags | libc::O_CLOEXEC) })?;
+    // SAFETY: openat returned a fresh fd owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// mkdirat(2).
+pub fn mkdirat(dir: &impl AsRawFd, name: &std::ffi::OsStr, mode: u32) -> io::Result<()> {
+    let n = cname(name)?;
+    // SAFETY: valid C string.
+    check(unsafe { libc::mkdirat(dir.as_raw_fd(), n.as_ptr(), mode) }).map(drop)
+}
+
+/// unlinkat(2); `rmdir` removes a directory.
+pub fn unlinkat(dir: &impl AsRawFd, name: &std::ffi::OsStr, rmdir: bool) -> io::Result<()> {
+    let n = cname(name)?;
+    let flags = if rmdir { libc::AT_REMOVEDIR } else { 0 };
+    // SAFETY: valid C string.
+    check(unsafe { libc::unlinkat(dir.as_raw_fd(), n.as_ptr(), flags) }).map(drop)
+}
+
+/// renameat(2).
+pub fn renameat(
+    from_dir: &impl AsRawFd,
+    from: &std::ffi::OsStr,
+    to_dir: &impl AsRawFd,
+    to: &std::ffi::OsStr,
+) -> io::Result<()> {
+    let (f, t) = (cname(from)?, cname(to)?);
+    // SAFETY: valid C strings.
+    check(unsafe {
+        libc::renameat(from_dir.as_raw_fd(), f.as_ptr(), to_dir.as_raw_fd(), t.as_ptr())
+    })
+    .map(drop)
+}
+
+/// The target of the symlink `fd` was opened on (O_PATH | O_NOFOLLOW).
+pub fn readlink_fd(fd: &impl AsRawFd) -> io::Result<String> {
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: an empty path with the link's own fd reads that link; buf is writable.
+    let r = unsafe {
+        libc::readlinkat(fd.as_raw_fd(), c"".as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(usize::try_from(r).unwrap_or(0));
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// A path naming an open fd (for APIs that only take paths: read_dir, inotify_add_watch).
+pub fn fd_path(fd: &impl AsRawFd) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}

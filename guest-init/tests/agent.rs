@@ -461,29 +461,46 @@ mod tests {
         assert_eq!(code(&c.list("/f").unwrap_err()), ErrorCode::NotADirectory);
         assert_eq!(code(&c.remove("/", true).unwrap_err()), ErrorCode::BadRequest);
 
-        // Escaping the allowed root, lexically and through symlinks.
+        // Escaping the allowed root lexically is refused.
+        for p in ["/../etc/passwd", "../../etc/hostname", "/d/../../x"] {
+            assert_eq!(code(&c.read_file(p).unwrap_err()), ErrorCode::OutsideRoot, "{p}");
+        }
+        assert_eq!(code(&c.rename("/f", "/../f").unwrap_err()), ErrorCode::OutsideRoot);
+        // Symlinks resolve inside the root (chroot semantics, openat2 RESOLVE_IN_ROOT): an
+        // absolute link to /etc and a relative one climbing above the root both land in
+        // <root>/etc, never in the host's /etc.
         std::os::unix::fs::symlink("/etc", a.root().join("etc-link")).unwrap();
         std::os::unix::fs::symlink("/etc/passwd", a.root().join("passwd-link")).unwrap();
-        for p in [
-            "/../etc/passwd",
-            "../../etc/hostname",
-            "/d/../../x",
-            "/etc-link/passwd",
-            "/passwd-link",
-        ] {
-            assert_eq!(code(&c.read_file(p).unwrap_err()), ErrorCode::OutsideRoot, "{p}");
+        std::os::unix::fs::symlink("../../../../../../..", a.root().join("d/up")).unwrap();
+        for p in ["/etc-link/passwd", "/passwd-link", "/d/up/etc/passwd"] {
+            assert_eq!(code(&c.read_file(p).unwrap_err()), ErrorCode::NotFound, "{p}");
         }
         assert_eq!(
             code(&c.write_file("/etc-link/grove-test", b"x", 0).unwrap_err()),
-            ErrorCode::OutsideRoot
+            ErrorCode::NotFound
         );
-        assert!(!Path::new("/etc/grove-test").exists());
-        assert_eq!(code(&c.list("/etc-link").unwrap_err()), ErrorCode::OutsideRoot);
-        assert_eq!(code(&c.rename("/f", "/../f").unwrap_err()), ErrorCode::OutsideRoot);
-        assert_eq!(code(&c.mkdir("/etc-link/x", true).unwrap_err()), ErrorCode::OutsideRoot);
-        // The link itself lives inside the root: stat and remove act on it, not on /etc.
+        assert_eq!(code(&c.list("/etc-link").unwrap_err()), ErrorCode::NotFound);
+        assert_eq!(code(&c.mkdir("/etc-link/x", true).unwrap_err()), ErrorCode::NotFound);
+        assert!(!Path::new("/etc/grove-test").exists() && !Path::new("/etc/x").exists());
+        std::fs::create_dir(a.root().join("etc")).unwrap();
+        std::fs::write(a.root().join("etc/passwd"), "inside").unwrap();
+        for p in ["/etc-link/passwd", "/passwd-link", "/d/up/etc/passwd"] {
+            assert_eq!(c.read_file(p).unwrap(), b"inside", "{p}");
+        }
+        c.write_file("/etc-link/new", b"n", 0).unwrap();
+        assert_eq!(std::fs::read(a.root().join("etc/new")).unwrap(), b"n");
+        let names: Vec<String> = c.list("/d/up/etc").unwrap().into_iter().map(|e| e.name).collect();
+        assert_eq!(names, ["new", "passwd"]);
+        // stat and remove act on the link itself, not on its target.
         assert_eq!(c.stat("/etc-link").unwrap().kind(), FileKind::Symlink);
         c.remove("/etc-link", true).unwrap();
+        assert!(a.root().join("etc/passwd").exists());
+        // rm -r does not follow a link inside the tree.
+        c.mkdir("/t/sub", true).unwrap();
+        std::os::unix::fs::symlink(a.root().join("etc"), a.root().join("t/sub/l")).unwrap();
+        c.remove("/t", true).unwrap();
+        assert!(!a.root().join("t").exists());
+        assert!(a.root().join("etc/passwd").exists());
         assert!(Path::new("/etc/passwd").exists());
 
         if !is_root() {

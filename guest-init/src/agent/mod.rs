@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
 use std::net::TcpListener;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -98,6 +99,10 @@ impl AgentError {
 pub struct Ctx {
     /// Canonical allowed root for file operations.
     pub root: PathBuf,
+    /// The root opened O_PATH: every file operation resolves relative to it with openat2.
+    pub root_fd: std::os::fd::OwnedFd,
+    /// openat2 `resolve` flags: RESOLVE_IN_ROOT, plus RESOLVE_NO_MAGICLINKS unless the root is /.
+    pub resolve: u64,
     /// Running as PID 1 inside a guest (power and post-restore act on the machine).
     pub pid1: bool,
     conns: AtomicUsize,
@@ -106,7 +111,17 @@ pub struct Ctx {
 impl Ctx {
     pub fn new(root: PathBuf, pid1: bool) -> io::Result<Arc<Self>> {
         let root = root.canonicalize()?;
-        Ok(Arc::new(Self { root, pid1, conns: AtomicUsize::new(0) }))
+        let root_fd = std::os::fd::OwnedFd::from(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+                .open(&root)?,
+        );
+        let mut resolve = libc::RESOLVE_IN_ROOT;
+        if root != std::path::Path::new("/") {
+            resolve |= libc::RESOLVE_NO_MAGICLINKS;
+        }
+        Ok(Arc::new(Self { root, root_fd, resolve, pid1, conns: AtomicUsize::new(0) }))
     }
 }
 
