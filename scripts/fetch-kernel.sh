@@ -20,7 +20,13 @@ MODULES=(virtio virtio_ring virtio_pci virtio_mmio virtio_blk virtio_net virtio_
 
 meta="${KERNEL_PACKAGE:-linux-image-cloud-amd64}"
 # Resolve the metapackage to the versioned image package.
-pkg="$(apt-cache depends "$meta" 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')"
+resolve_pkg() { apt-cache depends "$meta" 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}'; }
+pkg="$(resolve_pkg)"
+if [ -z "$pkg" ] && [ "$(id -u)" -eq 0 ]; then
+  echo "fetch-kernel: $meta unknown to apt; running apt-get update" >&2
+  apt-get update -qq >&2 || true
+  pkg="$(resolve_pkg)"
+fi
 if [ -z "$pkg" ]; then
   if apt-cache show "$meta" >/dev/null 2>&1; then pkg="$meta"; else
     echo "fetch-kernel: cannot resolve $meta (run apt-get update?)" >&2; exit 1
