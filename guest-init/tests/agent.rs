@@ -678,4 +678,43 @@ mod tests {
         let st = a.child.wait().unwrap();
         assert!(st.success());
     }
+
+    #[test]
+    fn hybrid_vsock_connect() {
+        // A stand-in for a VMM's userspace vsock: accepts on a unix socket, answers
+        // `CONNECT 1024` with `OK 1`, then splices to the agent.
+        let a = Agent::start();
+        let vs = a.dir.path().join("vsock.sock");
+        let l = std::os::unix::net::UnixListener::bind(&vs).unwrap();
+        let agent_sock = a.sock.clone();
+        std::thread::spawn(move || {
+            for mut host in l.incoming().flatten() {
+                let mut line = Vec::new();
+                let mut b = [0u8; 1];
+                while std::io::Read::read(&mut host, &mut b).unwrap() == 1 && b[0] != b'\n' {
+                    line.push(b[0]);
+                }
+                if line != b"CONNECT 1024" {
+                    host.write_all(b"ERR\n").unwrap();
+                    continue;
+                }
+                host.write_all(b"OK 1\n").unwrap();
+                let guest = UnixStream::connect(&agent_sock).unwrap();
+                let (mut h2, mut g2) = (host.try_clone().unwrap(), guest.try_clone().unwrap());
+                std::thread::spawn(move || std::io::copy(&mut h2, &mut g2));
+                std::thread::spawn(move || std::io::copy(&mut { guest }, &mut { host }));
+            }
+        });
+        let mut c = GuestClient::connect(
+            &format!("vsock-uds:{}:1024", vs.display()),
+            Some(Duration::from_secs(30)),
+        )
+        .unwrap();
+        assert_eq!(c.run(&["echo", "via vsock"]).unwrap().stdout, b"via vsock\n");
+        let e = GuestClient::connect(
+            &format!("vsock-uds:{}:9", vs.display()),
+            Some(Duration::from_secs(30)),
+        );
+        assert!(matches!(e, Err(ClientError::Connect { .. })));
+    }
 }

@@ -89,13 +89,48 @@ pub struct GuestClient {
 }
 
 impl GuestClient {
-    /// Connects to `unix:/path`, `tcp:host:port` (or a bare `host:port`) and says hello.
+    /// Connects to `unix:/path`, `tcp:host:port` (or a bare `host:port`), or
+    /// `vsock-uds:/path:PORT` and says hello.
+    ///
+    /// `vsock-uds` is the host side of a userspace vsock device (Firecracker's "hybrid vsock"
+    /// convention, which grove-vmm follows): connect to the VMM's unix socket, send
+    /// `CONNECT <port>\n`, read `OK <host port>\n`, then the stream reaches the guest's port.
     ///
     /// # Errors
     /// Connection, transport or hello errors.
     pub fn connect(addr: &str, timeout: Option<Duration>) -> Result<Self, ClientError> {
         let cerr = |source| ClientError::Connect { addr: addr.to_string(), source };
-        if let Some(path) = addr.strip_prefix("unix:") {
+        if let Some(rest) = addr.strip_prefix("vsock-uds:") {
+            let (path, port) = rest
+                .rsplit_once(':')
+                .and_then(|(p, port)| Some((p, port.parse::<u32>().ok()?)))
+                .ok_or_else(|| {
+                    cerr(std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "want vsock-uds:PATH:PORT",
+                    ))
+                })?;
+            let mut s = UnixStream::connect(Path::new(path)).map_err(cerr)?;
+            s.set_read_timeout(timeout).map_err(cerr)?;
+            s.write_all(format!("CONNECT {port}\n").as_bytes()).map_err(cerr)?;
+            // Read the reply byte by byte: nothing after the newline may be consumed.
+            let mut line = Vec::new();
+            let mut b = [0u8; 1];
+            while line.len() < 64 {
+                match s.read(&mut b).map_err(cerr)? {
+                    0 => break,
+                    _ if b[0] == b'\n' => break,
+                    _ => line.push(b[0]),
+                }
+            }
+            if !line.starts_with(b"OK ") {
+                let msg =
+                    format!("vsock CONNECT {port} refused: {:?}", String::from_utf8_lossy(&line));
+                return Err(cerr(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, msg)));
+            }
+            let r = s.try_clone().map_err(cerr)?;
+            Self::handshake(Box::new(r), Box::new(s))
+        } else if let Some(path) = addr.strip_prefix("unix:") {
             let s = UnixStream::connect(Path::new(path)).map_err(cerr)?;
             s.set_read_timeout(timeout).map_err(cerr)?;
             let r = s.try_clone().map_err(cerr)?;
