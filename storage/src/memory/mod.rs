@@ -208,6 +208,9 @@ impl std::fmt::Display for LayerId {
     }
 }
 
+/// Largest guest memory a layer may describe (1 TiB).
+pub const MAX_GUEST_MEMORY: u64 = 1 << 40;
+
 /// One guest memory region: guest physical address and length in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Region {
@@ -251,9 +254,10 @@ impl MemoryLayout {
             prev_end = end;
             total = total.checked_add(r.len).ok_or(LayerError::Invalid("memory size overflows"))?;
         }
-        // Bound guest memory to 2^48 bytes so page arithmetic never overflows.
-        if total > 1 << 48 {
-            return Err(LayerError::Invalid("guest memory larger than 256 TiB"));
+        // Bound guest memory (and so every index, bitmap and page number derived
+        // from a file) to 1 TiB.
+        if total > MAX_GUEST_MEMORY {
+            return Err(LayerError::Invalid("guest memory larger than 1 TiB"));
         }
         Ok(Self { page_size, regions })
     }

@@ -94,6 +94,9 @@ fn layouts_are_validated() {
     assert!(MemoryLayout::new(4096, vec![Region { gpa: 0, len: 0 }]).is_err());
     let overlap = vec![Region { gpa: 0, len: 8192 }, Region { gpa: 4096, len: 4096 }];
     assert!(MemoryLayout::new(4096, overlap).is_err());
+    let huge = vec![Region { gpa: 0, len: 1 << 40 }, Region { gpa: 1 << 41, len: 4096 }];
+    assert!(MemoryLayout::new(4096, huge).is_err());
+    assert!(MemoryLayout::new(4096, vec![Region { gpa: 0, len: MAX_GUEST_MEMORY }]).is_ok());
     let l = layout();
     assert_eq!(l.mem_pages(), 96);
     assert_eq!(l.region_first_pages(), vec![0, 64]);
