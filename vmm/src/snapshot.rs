@@ -195,6 +195,10 @@ impl Vm {
             .on_vcpus(move |_, fd| VcpuPersist { fd, msr_list: &list }.save())?
             .into_iter()
             .collect::<Result<Vec<_>, _>>()?;
+        // Keep only the MSRs KVM gave: later saves skip the probing of unreadable ones.
+        if let Some(v0) = vcpus.first() {
+            self.msr_list = Some(Arc::new(v0.msrs.iter().map(|&(i, _)| i).collect()));
+        }
         let vm_state = (&*self.fd).save()?;
         let state = SnapshotState {
             cpuid_fingerprint: self.cpuid_fingerprint,
