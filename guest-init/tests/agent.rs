@@ -446,6 +446,16 @@ mod tests {
         let l = c.list("/many").unwrap();
         assert_eq!(l.len(), 2500);
         assert_eq!(l[2499].name, "02499");
+        // Entries whose encoding is large (4000-byte link targets): more than 1 MiB in all,
+        // split over frames by size.
+        c.mkdir("/links", false).unwrap();
+        let target = "t".repeat(4000);
+        for i in 0..400 {
+            std::os::unix::fs::symlink(&target, a.root().join(format!("links/{i:03}"))).unwrap();
+        }
+        let l = c.list("/links").unwrap();
+        assert_eq!(l.len(), 400);
+        assert!(l.iter().all(|e| e.symlink_target == target && e.kind() == FileKind::Symlink));
     }
 
     #[test]

@@ -28,6 +28,7 @@ use crate::sys;
 const DEFAULT_CHUNK: usize = 256 * 1024;
 const MAX_CHUNK: usize = 512 * 1024;
 const LIST_BATCH: usize = 1000;
+const LIST_BATCH_BYTES: usize = 256 * 1024;
 const MAX_LIST: usize = 100_000;
 
 /// An open file being written by a `write_open` operation.
@@ -347,14 +348,24 @@ pub fn list(conn: &Conn, id: u64, req: &FileList) -> Result<(), AgentError> {
         v
     };
     entries.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut it = entries.chunks(LIST_BATCH).peekable();
-    if it.peek().is_none() {
-        conn.out.send(id, response::Body::List(FileListReply { entries: Vec::new(), done: true }));
+    // Batches of at most LIST_BATCH entries and LIST_BATCH_BYTES encoded bytes, so every
+    // frame stays far below MAX_FRAME_LEN whatever the names and link targets.
+    let mut batches: Vec<Vec<FileInfo>> = vec![Vec::new()];
+    let mut bytes = 0;
+    for e in entries {
+        let len = prost::Message::encoded_len(&e) + 8;
+        let cur = batches.last_mut().expect("never empty");
+        if !cur.is_empty() && (cur.len() >= LIST_BATCH || bytes + len > LIST_BATCH_BYTES) {
+            batches.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += len;
+        batches.last_mut().expect("never empty").push(e);
     }
-    while let Some(batch) = it.next() {
-        let done = it.peek().is_none();
-        if !conn.out.send(id, response::Body::List(FileListReply { entries: batch.to_vec(), done }))
-        {
+    let n = batches.len();
+    for (i, batch) in batches.into_iter().enumerate() {
+        let reply = FileListReply { entries: batch, done: i + 1 == n };
+        if !conn.out.send(id, response::Body::List(reply)) {
             break;
         }
     }
