@@ -598,6 +598,27 @@ fn zero_pages_are_holes_and_layers_are_sparse() {
 }
 
 #[test]
+fn a_failed_write_leaves_neither_a_layer_nor_a_temporary_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = Guest::new(&[16]);
+    g.write(3, 1);
+    // The target is a directory: everything succeeds up to the rename, which fails.
+    let target = dir.path().join("0000.mlayer");
+    std::fs::create_dir(&target).unwrap();
+    let regions: Vec<RegionMemory<'_>> =
+        g.regions.iter().map(|(gpa, m)| RegionMemory { gpa: *gpa, mem: m, dirty: None }).collect();
+    let e = write_full(&target, &regions, &WriteOptions::default()).unwrap_err();
+    assert!(matches!(e, LayerError::Io { op: "rename", .. }), "{e}");
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, vec!["0000.mlayer".to_string()], "only the directory remains");
+    assert!(target.is_dir());
+}
+
+#[test]
 fn open_dir_refuses_branches_and_strays() {
     let dir = tempfile::tempdir().unwrap();
     let (_g, base, d) = write_layer_for_errors(dir.path());
