@@ -28,7 +28,13 @@ const GIB: u64 = 1 << 30;
 const REGION_START: u64 = 16 * MIB;
 
 fn kvm_available() -> bool {
-    let ok = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    use std::os::unix::fs::FileTypeExt;
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .and_then(|f| f.metadata())
+        .is_ok_and(|m| m.file_type().is_char_device());
     if !ok {
         println!("skipped: /dev/kvm not available");
     }
