@@ -20,6 +20,12 @@
 //! The VMM is `$GROVE_VMM`, else `grove-vmm` next to this executable (same target
 //! dir). The guest is `$GROVE_TESTGUEST`, else built by scripts/build-testguest.sh.
 //! Each VMM is killed by PID once measured.
+//!
+//! With `FIRECRACKER_BIN` set, the same guest, command line and sizes are also booted
+//! under Firecracker (`--no-api --config-file`, a temporary JSON config) and its
+//! spawn → READY and RSS are reported beside grove-vmm's, with the ratio of the
+//! medians. Firecracker is not installed on the project's hosts: that path was only
+//! exercised with a stand-in script, never with a real Firecracker.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -75,6 +81,20 @@ struct Report {
     guest_memory_rss_mib: Option<Summary>,
     vmm_rss_beside_guest_mib: Option<Summary>,
     rss_method: &'static str,
+    /// The same work under Firecracker, when `FIRECRACKER_BIN` is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    firecracker: Option<FirecrackerReport>,
+}
+
+/// Firecracker booting the same guest with the same command line and sizes.
+#[derive(Serialize)]
+struct FirecrackerReport {
+    binary: String,
+    spawn_to_ready_ms: Option<Summary>,
+    vm_rss_mib: Option<Summary>,
+    vmm_rss_beside_guest_mib: Option<Summary>,
+    /// grove-vmm's spawn → READY median divided by Firecracker's.
+    grove_over_firecracker_ready_p50: Option<f64>,
 }
 
 /// What one boot measured.
@@ -134,7 +154,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
 
     let mut samples = Vec::with_capacity(runs);
     for i in 0..runs {
-        let s = boot_once(&vmm, &vmm_args, mem_mib).map_err(|e| format!("run {}: {e}", i + 1))?;
+        let mut cmd = Command::new(&vmm);
+        cmd.args(vmm_args).env("GROVE_VMM_TIMING", "1");
+        let s = boot_once(cmd, mem_mib).map_err(|e| format!("run {}: {e}", i + 1))?;
         if !json {
             eprintln!(
                 "run {:>3}: READY {:8.3} ms  boot-timer (VMM) {}  RSS {:.1} MiB",
@@ -147,7 +169,14 @@ pub fn run(args: &[String]) -> Result<(), String> {
         samples.push(s);
     }
 
-    let report = summarise(
+    let firecracker = match std::env::var_os("FIRECRACKER_BIN").filter(|p| !p.is_empty()) {
+        Some(fc) => {
+            Some(firecracker_runs(Path::new(&fc), &guest, &cmdline, mem_mib, vcpus, runs, json)?)
+        }
+        None => None,
+    };
+
+    let mut report = summarise(
         &samples,
         Conditions {
             runs,
@@ -163,6 +192,11 @@ pub fn run(args: &[String]) -> Result<(), String> {
             cmdline,
         },
     );
+    if let (Some(fc), Some(ours)) = (firecracker, report.spawn_to_ready_ms.as_ref()) {
+        let ratio = fc.spawn_to_ready_ms.as_ref().map(|f| ours.median / f.median);
+        report.firecracker =
+            Some(FirecrackerReport { grove_over_firecracker_ready_p50: ratio, ..fc });
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
     } else {
@@ -208,6 +242,7 @@ fn summarise(samples: &[Sample], conditions: Conditions) -> Report {
                      of the guest-RAM mappings in /proc/PID/smaps (anonymous mappings the size of \
                      a RAM region, or memfd:grove-guest-ram ones); VMM beside guest = VmRSS - \
                      guest memory",
+        firecracker: None,
     }
 }
 
@@ -235,19 +270,79 @@ fn print_text(r: &Report) {
     line("guest memory Rss", &r.guest_memory_rss_mib);
     line("VMM RSS beside guest memory", &r.vmm_rss_beside_guest_mib);
     println!("  RSS method: {}", r.rss_method);
+    if let Some(fc) = &r.firecracker {
+        println!("  Firecracker ({}), same guest, cmdline and sizes:", fc.binary);
+        line("spawn -> READY on stdout", &fc.spawn_to_ready_ms);
+        line("VmRSS", &fc.vm_rss_mib);
+        line("VMM RSS beside guest memory", &fc.vmm_rss_beside_guest_mib);
+        if let Some(x) = fc.grove_over_firecracker_ready_p50 {
+            println!("  grove-vmm / Firecracker, spawn -> READY median: {x:.2}");
+        }
+    }
+}
+
+/// Boots the guest `runs` times under Firecracker (`--no-api --config-file`), for a
+/// side-by-side figure. Firecracker is not installed on the project's build hosts, so
+/// this path has not been run there.
+fn firecracker_runs(
+    fc: &Path,
+    guest: &Path,
+    cmdline: &str,
+    mem_mib: u64,
+    vcpus: u32,
+    runs: usize,
+    json: bool,
+) -> Result<FirecrackerReport, String> {
+    let config = serde_json::json!({
+        "boot-source": { "kernel_image_path": path_str(guest)?, "boot_args": cmdline },
+        "drives": [],
+        "machine-config": { "vcpu_count": vcpus, "mem_size_mib": mem_mib },
+    });
+    let file = std::env::temp_dir().join(format!("grove-bench-fc-{}.json", std::process::id()));
+    std::fs::write(&file, config.to_string())
+        .map_err(|e| format!("write {}: {e}", file.display()))?;
+    let mut samples = Vec::with_capacity(runs);
+    let mut result = Ok(());
+    for i in 0..runs {
+        let mut cmd = Command::new(fc);
+        cmd.arg("--no-api").arg("--config-file").arg(&file);
+        match boot_once(cmd, mem_mib) {
+            Ok(s) => {
+                if !json {
+                    eprintln!("firecracker run {:>3}: READY {:8.3} ms", i + 1, s.ready_ms);
+                }
+                samples.push(s);
+            }
+            Err(e) => {
+                result = Err(format!("firecracker run {}: {e}", i + 1));
+                break;
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&file);
+    result?;
+    let col = |f: &dyn Fn(&Sample) -> Option<f64>| samples.iter().filter_map(f).collect::<Vec<_>>();
+    Ok(FirecrackerReport {
+        binary: fc.display().to_string(),
+        spawn_to_ready_ms: Summary::of("ms", &col(&|s| Some(s.ready_ms))),
+        vm_rss_mib: Summary::of("MiB", &col(&|s| Some(kib_to_mib(s.vm_rss_kib)))),
+        vmm_rss_beside_guest_mib: Summary::of(
+            "MiB",
+            &col(&|s| s.guest_rss_kib.map(|g| kib_to_mib(s.vm_rss_kib.saturating_sub(g)))),
+        ),
+        grove_over_firecracker_ready_p50: None,
+    })
 }
 
 /// One boot: spawn, wait for READY and some Ts, read RSS, kill.
-fn boot_once(vmm: &Path, args: &[&str], mem_mib: u64) -> Result<Sample, String> {
+fn boot_once(mut cmd: Command, mem_mib: u64) -> Result<Sample, String> {
     let t0 = Instant::now();
-    let child = Command::new(vmm)
-        .args(args)
-        .env("GROVE_VMM_TIMING", "1")
+    let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("spawn {}: {e}", vmm.display()))?;
+        .map_err(|e| format!("spawn {}: {e}", cmd.get_program().to_string_lossy()))?;
     let mut guard = Guard(child);
     let pid = guard.0.id();
     let out_rx = chunks(guard.0.stdout.take().ok_or("no stdout pipe")?);
