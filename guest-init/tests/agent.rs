@@ -727,4 +727,27 @@ mod tests {
         );
         assert!(matches!(e, Err(ClientError::Connect { .. })));
     }
+
+    #[test]
+    fn many_concurrent_execs() {
+        // The reaper hands every exit status to the right exec, whatever the interleaving
+        // (a lost or swapped status would show as a wrong code or a read timeout).
+        let a = Agent::start();
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let mut c = a.client();
+                std::thread::spawn(move || {
+                    for i in 0..25 {
+                        let code = (t * 25 + i) % 200;
+                        let r = c.run(&["sh", "-c", &format!("echo {code}; exit {code}")]).unwrap();
+                        assert_eq!(r.code(), Some(code));
+                        assert_eq!(String::from_utf8_lossy(&r.stdout).trim(), code.to_string());
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
 }
