@@ -62,7 +62,12 @@ left() { local l=$(( TIMEOUT - ($(date +%s) - t0 / 1000000000) )); [ "$l" -ge 1 
 ctl() { timeout "$(left)" "$CTL" --connect "tcp:127.0.0.1:$port" "$@"; }
 
 echo "qemu-smoke: booting (QEMU pid $QPID, tcg, ${MEM} MiB, agent on 127.0.0.1:$port)" >&2
-ctl --wait "$(left)" ping || { kill -0 "$QPID" 2>/dev/null || fail "QEMU exited"; fail "agent did not answer within ${TIMEOUT}s"; }
+ready=0
+while [ "$(left)" -gt 1 ]; do
+  kill -0 "$QPID" 2>/dev/null || fail "QEMU exited during boot"
+  if ctl --wait 5 ping 2>"$OUT/ctl-wait.err"; then ready=1; cat "$OUT/ctl-wait.err" >&2; break; fi
+done
+[ "$ready" -eq 1 ] || fail "agent did not answer within ${TIMEOUT}s ($(tail -1 "$OUT/ctl-wait.err"))"
 boot_ms=$(ms)
 echo "qemu-smoke: agent answered $boot_ms ms after QEMU start" >&2
 
