@@ -40,6 +40,48 @@ fn conformance_suite_with_64k_chunks() {
 }
 
 #[test]
+fn conformance_suite_with_spares() {
+    let (_dir, s) = store();
+    s.prepare_spares(conformance::DISK, 4).unwrap();
+    conformance::run_all(&s);
+}
+
+#[test]
+fn spares_are_used_and_survive_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 4 << 20;
+    let (snap, layer) = {
+        let s = LayeredStore::open(dir.path()).unwrap();
+        let base = s.create_base(size, None).unwrap();
+        s.prepare_spares(size, 3).unwrap();
+        assert_eq!(s.spares(size), 3);
+        assert_eq!(s.spares(size * 2), 0);
+        let d = s.clone_disk(base).unwrap();
+        assert_eq!(s.spares(size), 2);
+        d.write(0, &[3; 4096]).unwrap();
+        let snap = d.snapshot().unwrap();
+        assert_eq!(s.spares(size), 1);
+        d.write(8, &[4; 4096]).unwrap();
+        d.flush().unwrap();
+        (snap, d.layer())
+    };
+    let s = LayeredStore::open(dir.path()).unwrap();
+    assert!(s.recovery().removed_orphans.is_empty());
+    assert_eq!(s.spares(size), 1, "the unused spare is still there");
+    let d = s.open_disk(layer).unwrap();
+    assert_eq!(read(&d, 0, 8192), [vec![3; 4096], vec![4; 4096]].concat());
+    let c = s.clone_disk(snap).unwrap();
+    assert_eq!(s.spares(size), 0);
+    assert_eq!(read(&c, 0, 8192), [vec![3; 4096], vec![0; 4096]].concat());
+    // Layers made from spares are ordinary layers after a restart.
+    let cl = c.layer();
+    drop((c, d, s));
+    let s = LayeredStore::open(dir.path()).unwrap();
+    let c = s.open_disk(cl).unwrap();
+    assert_eq!(read(&c, 0, 4096), vec![3; 4096]);
+}
+
+#[test]
 fn base_image_is_imported_and_shared_read_only() {
     let (dir, s) = store();
     let img = dir.path().join("img.raw");

@@ -82,6 +82,10 @@ pub enum LayerKind {
     Memory,
     /// A dm-thin volume or thin snapshot.
     Thin { thin_id: u32 },
+    /// Files prepared ahead of time for a layer of the layered store (written and
+    /// fsynced, held by the store's spare pool); a snapshot or clone turns the
+    /// record into a `Disk` layer with the same id and files in one transaction.
+    Spare,
 }
 
 /// One layer.
@@ -226,6 +230,18 @@ fn tx_layer(tree: &TransactionalTree, id: LayerId) -> TxResult<LayerRecord> {
     tx_get(tree, KIND_LAYER, &key(id), || format!("layer {id}"))
 }
 
+/// Fails unless `id` is free or a spare whose files `rec` takes over.
+fn tx_check_new(tree: &TransactionalTree, rec: &LayerRecord) -> TxResult<()> {
+    if let Some(v) = tree.get(key(rec.id))? {
+        let old: LayerRecord =
+            decode_at(KIND_LAYER, &key(rec.id), &v).map_err(ConflictableTransactionError::Abort)?;
+        if old.kind != LayerKind::Spare || old.files != rec.files || old.size != rec.size {
+            return abort(CatalogError::Exists(format!("layer {}", rec.id)));
+        }
+    }
+    Ok(())
+}
+
 fn tx_put_layer(tree: &TransactionalTree, rec: &LayerRecord) -> TxResult<()> {
     tree.insert(&key(rec.id), record::encode(KIND_LAYER, rec))?;
     Ok(())
@@ -327,9 +343,7 @@ impl Catalog {
     pub fn insert_layer(&self, rec: &LayerRecord) -> Result<(), CatalogError> {
         let _g = self.lock();
         unwrap_tx(self.layers.transaction(|layers| {
-            if layers.get(key(rec.id))?.is_some() {
-                return abort(CatalogError::Exists(format!("layer {}", rec.id)));
-            }
+            tx_check_new(layers, rec)?;
             if let Some(p) = rec.parent {
                 let mut prec = tx_layer(layers, p)?;
                 if !prec.frozen {
@@ -369,6 +383,7 @@ impl Catalog {
             if let Some(k) = &old_kind {
                 orec.kind = k.clone();
             }
+            tx_check_new(layers, new)?;
             tx_put_layer(layers, &orec)?;
             tx_put_layer(layers, new)
         }))?;
@@ -451,9 +466,7 @@ impl Catalog {
         let collected = unwrap_tx(
             (&self.layers, &self.snapshots, &self.templates, &self.sandboxes).transaction(
                 |(layers, snapshots, templates, sandboxes)| {
-                    if layers.get(key(new))?.is_some() {
-                        return abort(CatalogError::Exists(format!("layer {new}")));
-                    }
+                    tx_check_new(layers, new_rec)?;
                     let mut nrec = new_rec.clone();
                     nrec.holds = 0;
                     nrec.children = 0;

@@ -355,6 +355,20 @@ impl IndexFile {
         Ok((Self { file, header: h, current, generation }, bitmap))
     }
 
+    /// Opens the index of a spare layer, known to be as [`create`] left it
+    /// (spares are never written to): checks the header, skips reading the empty
+    /// bitmap. O(1) in the disk size.
+    pub fn open_fresh(file: File, expect: &Header) -> Result<(Self, Bitmap), IndexError> {
+        let mut hb = [0u8; 52];
+        file.read_exact_at(&mut hb, 0)?;
+        let h = Header::parse(&hb)?;
+        if h != *expect {
+            return Err(IndexError::WrongLayer { found: h.layer, expected: expect.layer });
+        }
+        let bitmap = Bitmap::new(h.chunks);
+        Ok((Self { file, header: h, current: 0, generation: 1 }, bitmap))
+    }
+
     pub fn header(&self) -> &Header {
         &self.header
     }

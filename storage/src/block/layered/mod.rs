@@ -27,6 +27,7 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use self::index::{Bitmap, Header, IndexFile};
@@ -89,6 +90,9 @@ struct Writable {
     copy: Mutex<Dirty>,
     /// Serialises flushes; (index file, changes at the last commit).
     index: Mutex<(IndexFile, u64)>,
+    /// Data writes started, and the count at the last data fdatasync.
+    writes: AtomicU64,
+    synced: AtomicU64,
 }
 
 struct Chain {
@@ -98,6 +102,8 @@ struct Chain {
 }
 
 struct Inner {
+    /// Spare layers (files ready, record of kind `Spare`) by disk size.
+    spares: Mutex<HashMap<u64, Vec<LayerId>>>,
     dir: PathBuf,
     catalog: Arc<Catalog>,
     chunk: u32,
@@ -290,6 +296,20 @@ impl Inner {
         Ok((data, idx))
     }
 
+    /// The id and files of a new empty layer of `size` bytes: a spare if one is
+    /// ready (no I/O), else created here (three fsyncs).
+    fn new_layer_files(&self, size: u64) -> Result<(LayerId, File, File), BlockError> {
+        let spare = lock(&self.spares).get_mut(&size).and_then(Vec::pop);
+        if let Some(id) = spare {
+            let data = self.open_rw(&data_name(id))?;
+            let idx = self.open_rw(&index_name(id))?;
+            return Ok((id, data, idx));
+        }
+        let id = self.catalog.alloc_id()?;
+        let (data, idx) = self.create_layer_files(id, size)?;
+        Ok((id, data, idx))
+    }
+
     fn remove_files(&self, recs: &[LayerRecord]) -> Result<(), BlockError> {
         let mut first = true;
         for r in recs {
@@ -358,7 +378,25 @@ impl Inner {
     }
 
     fn writable(&self, rec: &LayerRecord, data: File, idx: File) -> Result<Writable, BlockError> {
-        let (idx, bm) = IndexFile::open(idx, rec.id).map_err(|e| self.index_err(rec.id, e))?;
+        self.writable_from(rec, data, idx, false)
+    }
+
+    /// `fresh`: the index is known to be empty (a new layer or a spare).
+    fn writable_from(
+        &self,
+        rec: &LayerRecord,
+        data: File,
+        idx: File,
+        fresh: bool,
+    ) -> Result<Writable, BlockError> {
+        let (idx, bm) = if fresh {
+            let h =
+                Header::new(rec.id, rec.size, self.chunk).map_err(|e| self.index_err(rec.id, e))?;
+            IndexFile::open_fresh(idx, &h)
+        } else {
+            IndexFile::open(idx, rec.id)
+        }
+        .map_err(|e| self.index_err(rec.id, e))?;
         self.check_geometry(rec, idx.header())?;
         let pages = usize::try_from(idx.header().bitmap_bytes.div_ceil(index::PAGE))
             .map_err(|_| BlockError::Invalid("index too large".into()))?;
@@ -368,6 +406,8 @@ impl Inner {
             bitmap: Arc::new(bm),
             copy: Mutex::new(Dirty { pages: [vec![false; pages], vec![false; pages]], changes: 0 }),
             index: Mutex::new((idx, 0)),
+            writes: AtomicU64::new(0),
+            synced: AtomicU64::new(0),
         })
     }
 
@@ -403,11 +443,51 @@ impl LayeredStore {
         chunk: u32,
     ) -> Result<Self, BlockError> {
         std::fs::create_dir_all(&dir).map_err(|e| BlockError::io("create store", e))?;
-        let recovery = catalog.recover(&dir, &[LayerKind::Base, LayerKind::Disk])?;
+        let recovery =
+            catalog.recover(&dir, &[LayerKind::Base, LayerKind::Disk, LayerKind::Spare])?;
+        let mut spares: HashMap<u64, Vec<LayerId>> = HashMap::new();
+        for r in catalog.layers()? {
+            if r.kind == LayerKind::Spare {
+                spares.entry(r.size).or_default().push(r.id);
+            }
+        }
         Ok(Self {
-            inner: Arc::new(Inner { dir, catalog, chunk, cache: Mutex::new(HashMap::new()) }),
+            inner: Arc::new(Inner {
+                spares: Mutex::new(spares),
+                dir,
+                catalog,
+                chunk,
+                cache: Mutex::new(HashMap::new()),
+            }),
             recovery,
         })
+    }
+
+    /// Makes sure `count` spare layers of `size` bytes are ready, so that the next
+    /// snapshots and clones of disks of that size do no file creation or fsync of
+    /// their own (their critical path is then the flush of the frozen layer and
+    /// one catalog commit). Call it off the critical path (after a snapshot or a
+    /// clone, or at startup). Spares survive restarts; [`release`](BlockStore::release)
+    /// drops one.
+    pub fn prepare_spares(&self, size: u64, count: usize) -> Result<(), BlockError> {
+        let inner = &self.inner;
+        loop {
+            let have = lock(&inner.spares).get(&size).map_or(0, Vec::len);
+            if have >= count {
+                return Ok(());
+            }
+            let id = inner.catalog.alloc_id()?;
+            inner.create_layer_files(id, size)?;
+            let mut rec = LayerRecord::new(id, LayerKind::Spare, None, size);
+            rec.files = vec![data_name(id), index_name(id)];
+            inner.catalog.insert_layer(&rec)?;
+            lock(&inner.spares).entry(size).or_default().push(id);
+        }
+    }
+
+    /// Spare layers ready for disks of `size` bytes.
+    pub fn spares(&self, size: u64) -> usize {
+        lock(&self.inner.spares).get(&size).map_or(0, Vec::len)
     }
 
     /// What the recovery pass at open did.
@@ -479,14 +559,13 @@ impl BlockStore for LayeredStore {
         if !parent.frozen {
             return Err(BlockError::WrongState(layer, "clone needs a frozen layer"));
         }
-        let id = inner.catalog.alloc_id()?;
-        let (data, idx) = inner.create_layer_files(id, parent.size)?;
+        let (id, data, idx) = inner.new_layer_files(parent.size)?;
         failpoint!("layered::clone::after_files");
         let mut rec = LayerRecord::new(id, LayerKind::Disk, Some(layer), parent.size);
         rec.files = vec![data_name(id), index_name(id)];
         inner.catalog.insert_layer(&rec)?;
         failpoint!("layered::clone::after_catalog");
-        let top = inner.writable(&rec, data, idx)?;
+        let top = inner.writable_from(&rec, data, idx, true)?;
         self.disk(top, layer, parent.size)
     }
 
@@ -554,6 +633,7 @@ impl BlockStore for LayeredStore {
             }
             c = end;
         }
+        top.writes.fetch_add(1, Ordering::AcqRel);
         flush_writable(&top)?;
         failpoint!("layered::flatten::after_files");
         let collected = inner.catalog.replace_layer(layer, &rec)?;
@@ -598,6 +678,15 @@ impl BlockStore for LayeredStore {
 /// Flushes a writable layer: data first, then the index (only chunks whose data
 /// write completed before the bitmap snapshot are in it, and the data fdatasync
 /// comes after that snapshot).
+fn sync_data(top: &Writable) -> Result<(), BlockError> {
+    let w = top.writes.load(Ordering::Acquire);
+    if w != top.synced.load(Ordering::Acquire) {
+        top.data.sync_data().map_err(|e| BlockError::io("fdatasync layer", e))?;
+        top.synced.store(w, Ordering::Release);
+    }
+    Ok(())
+}
+
 fn flush_writable(top: &Writable) -> Result<(), BlockError> {
     let mut idx = lock(&top.index);
     let target = idx.0.target();
@@ -605,8 +694,7 @@ fn flush_writable(top: &Writable) -> Result<(), BlockError> {
         let mut d = lock(&top.copy);
         if d.changes == idx.1 {
             drop(d);
-            top.data.sync_data().map_err(|e| BlockError::io("fdatasync layer", e))?;
-            return Ok(());
+            return sync_data(top);
         }
         let pages: Vec<u64> = d.pages[target]
             .iter()
@@ -625,9 +713,9 @@ fn flush_writable(top: &Writable) -> Result<(), BlockError> {
             }
         }
     };
-    if let Err(e) = top.data.sync_data() {
+    if let Err(e) = sync_data(top) {
         restore(&pages);
-        return Err(BlockError::io("fdatasync layer", e));
+        return Err(e);
     }
     if let Err(e) = idx.0.commit(&bytes, &pages) {
         restore(&pages);
@@ -816,8 +904,26 @@ impl LayeredDisk {
             Ok(())
         };
         if first_full >= last_full {
-            return zero_write(off, end);
+            let r = zero_write(off, end);
+            chain.top.writes.fetch_add(1, Ordering::AcqRel);
+            return r;
         }
+        let r = self.punch_range(&chain, off, end, first_full, last_full, &zero_write);
+        chain.top.writes.fetch_add(1, Ordering::AcqRel);
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn punch_range(
+        &self,
+        chain: &Chain,
+        off: u64,
+        end: u64,
+        first_full: u64,
+        last_full: u64,
+        zero_write: &dyn Fn(u64, u64) -> Result<(), BlockError>,
+    ) -> Result<(), BlockError> {
+        let chunk = self.chunk();
         zero_write(off, first_full)?;
         {
             let top = &chain.top;
@@ -851,7 +957,10 @@ impl BlockDevice for LayeredDisk {
     fn write(&self, sector: u64, buf: &[u8]) -> Result<(), BlockError> {
         let off = check_range(sector, buf.len() as u64, self.size)?;
         let chain = self.chain.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.write_bytes(&chain, buf, off)
+        let r = self.write_bytes(&chain, buf, off);
+        // Counted once complete (even partly failed), so the next flush syncs it.
+        chain.top.writes.fetch_add(1, Ordering::AcqRel);
+        r
     }
 
     fn flush(&self) -> Result<(), BlockError> {
@@ -877,14 +986,13 @@ impl BlockDevice for LayeredDisk {
         let old = chain.top.clone();
         flush_writable(&old)?;
         failpoint!("layered::snapshot::after_flush");
-        let id = store.catalog.alloc_id()?;
-        let (data, idx) = store.create_layer_files(id, self.size)?;
+        let (id, data, idx) = store.new_layer_files(self.size)?;
         failpoint!("layered::snapshot::after_files");
         let mut rec = LayerRecord::new(id, LayerKind::Disk, Some(old.id), self.size);
         rec.files = vec![data_name(id), index_name(id)];
         store.catalog.freeze_and_push(old.id, None, &rec)?;
         failpoint!("layered::snapshot::after_catalog");
-        let top = store.writable(&rec, data, idx)?;
+        let top = store.writable_from(&rec, data, idx, true)?;
         let frozen = Arc::new(Frozen { data: old.data.clone(), bitmap: Some(old.bitmap.clone()) });
         lock(&store.cache).insert(old.id, Arc::downgrade(&frozen));
         chain.below.insert(0, frozen);
