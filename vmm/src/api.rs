@@ -8,6 +8,7 @@
 //! {"cmd":"snapshot","kind":"diff","dir":"/snap/b"}
 //! {"cmd":"fork","dir":"/snap/f1"}
 //! {"cmd":"save-working-set"}          (uffd restores: record the first-touch order)
+//! {"cmd":"restore","snapshot":"/snap/f1","identity":3}   (`grove-vmm standby` only)
 //! ```
 //! Replies: `{"ok":true,...}` or `{"ok":false,"error":"..."}`. A bad request (unknown command,
 //! bad field, line over 64 KiB) gets an error reply and leaves the VM as it was.
@@ -79,6 +80,14 @@ pub enum Request {
     },
     /// Save the uffd working set.
     SaveWorkingSet {},
+    /// Standby VMM only: restore this snapshot (mmap mode) into the prepared VM.
+    Restore {
+        /// Snapshot directory.
+        snapshot: PathBuf,
+        /// Identity for port 0x444.
+        #[serde(default)]
+        identity: u32,
+    },
 }
 
 /// A request on its way to the VMM thread.
@@ -134,6 +143,7 @@ pub fn handle(vm: &mut Vm, req: Request) -> Value {
             Ok(r) => json!({"ok": true, "snapshot": r}),
             Err(e) => err(crate::one_line(&e)),
         },
+        Request::Restore { .. } => err("a VM is already running in this grove-vmm"),
         Request::SaveWorkingSet {} => match vm.save_working_set() {
             Ok(p) => json!({"ok": true, "path": p}),
             Err(e) => err(crate::one_line(&e)),

@@ -8,6 +8,7 @@ pub const USAGE: &str = "usage:
                 [--serial stdout|PATH] [--api-sock PATH]
   grove-vmm restore --snapshot DIR [--mem-mode mmap|uffd] [--api-sock PATH] [--identity N]
                 [--serial stdout|PATH]
+  grove-vmm standby --api-sock PATH [--vcpus N] [--mem-mib N] [--serial stdout|PATH]
   grove-vmm check-host [--json]";
 
 /// Errors in the arguments.
@@ -68,6 +69,43 @@ pub struct RestoreArgs {
     pub identity: u32,
     /// Serial sink.
     pub serial: String,
+}
+
+/// `standby` arguments.
+#[derive(Debug, Clone)]
+pub struct StandbyArgs {
+    /// Control socket (required: the restore request comes through it).
+    pub api_sock: String,
+    /// vCPU count of the snapshots it will take.
+    pub vcpus: u8,
+    /// Memory size (MiB) of the snapshots it will take.
+    pub mem_mib: u64,
+    /// Serial sink.
+    pub serial: String,
+}
+
+/// Parses the arguments after `standby`.
+pub fn parse_standby(args: &[String]) -> Result<StandbyArgs, CliError> {
+    let known = ["--api-sock", "--vcpus", "--mem-mib", "--serial"];
+    let d = VmConfig::default();
+    let mut a = StandbyArgs {
+        api_sock: String::new(),
+        vcpus: d.vcpus,
+        mem_mib: d.mem_mib,
+        serial: d.serial,
+    };
+    let mut sock = None;
+    for (f, v) in pairs(args, &known)? {
+        match f.as_str() {
+            "--api-sock" => sock = Some(non_empty(&f, v)?),
+            "--vcpus" => a.vcpus = number(&f, &v)?,
+            "--mem-mib" => a.mem_mib = number(&f, &v)?,
+            "--serial" => a.serial = non_empty(&f, v)?,
+            _ => return Err(CliError::UnknownFlag(f)),
+        }
+    }
+    a.api_sock = sock.ok_or(CliError::Required("--api-sock"))?;
+    Ok(a)
 }
 
 /// Splits `--flag value` / `--flag=value` pairs, rejecting unknown or repeated flags.

@@ -357,6 +357,182 @@ fn restore_memory(
     Ok(unsafe { GuestRam::from_external(regions.to_vec(), hosts, owner) }?)
 }
 
+/// Maps the chain over `ram`'s existing mappings with MAP_FIXED: the base layer over each
+/// region, then every run a diff layer owns on top (all MAP_PRIVATE, so clean pages are shared
+/// through the page cache). The KVM memory slots registered over these addresses stay valid:
+/// KVM follows the host mapping (MMU notifiers), so no slot update is needed.
+fn map_chain_fixed(ram: &GuestRam, chain: &Chain) -> Result<usize, SnapshotError> {
+    use std::os::fd::AsRawFd;
+    let layout = chain.layout();
+    let ps = u64::from(layout.page_size);
+    let firsts = layout.region_first_pages();
+    let map = |addr: *mut u8, len: u64, fd: i32, off: u64| -> Result<(), SnapshotError> {
+        let ulen = usize::try_from(len).map_err(|_| MemoryError::BadSize(len))?;
+        let off = libc::off_t::try_from(off).map_err(|_| MemoryError::BadSize(off))?;
+        // SAFETY: `addr..addr+len` lies inside a mapping `ram` owns (checked by the callers'
+        // arithmetic against the region length); MAP_FIXED replaces pages of that mapping
+        // only, and no Rust reference into guest memory is alive (vCPUs not started).
+        let r = unsafe {
+            libc::mmap(
+                addr.cast(),
+                ulen,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                fd,
+                off,
+            )
+        };
+        if r == libc::MAP_FAILED {
+            return Err(MemoryError::Mmap { len, source: std::io::Error::last_os_error() }.into());
+        }
+        Ok(())
+    };
+    let layers = chain.layers();
+    let mut count = 0;
+    for ((r, &(host, len)), &first) in layout.regions.iter().zip(ram.host_regions()).zip(&firsts) {
+        let pages = r.len / ps;
+        if u64::try_from(len).ok() != Some(r.len) {
+            return Err(PersistError::Invalid("region size".into()).into());
+        }
+        map(host, r.len, layers[0].file().as_raw_fd(), layers[0].header().page_offset(first))?;
+        count += 1;
+        for seg in chain.segments() {
+            let (start, end) = (seg.start.max(first), seg.end().min(first + pages));
+            if seg.layer == 0 || start >= end {
+                continue;
+            }
+            let l = &layers[seg.layer];
+            let off =
+                usize::try_from((start - first) * ps).map_err(|_| MemoryError::BadSize(start))?;
+            // SAFETY: `off + (end - start) * ps <= r.len`: the segment was clipped to the region.
+            let addr = unsafe { host.add(off) };
+            map(addr, (end - start) * ps, l.file().as_raw_fd(), l.header().page_offset(start))?;
+            count += 1;
+        }
+    }
+    Ok(count)
+}
+
+/// A snapshot checked against a standby VM, ready to load.
+pub struct Prepared {
+    state: SnapshotState,
+    chain: Chain,
+    out: SerialOut,
+}
+
+/// The VMM thread's event channel.
+pub type VmEvents = (
+    std::sync::mpsc::Sender<crate::vcpu::VcpuEvent>,
+    std::sync::mpsc::Receiver<crate::vcpu::VcpuEvent>,
+);
+
+/// A VMM that has done its per-VM KVM work (VM, irqchip, PIT, memory slots over reserved
+/// guest memory, vCPUs with their CPUID) before knowing which snapshot it will run, so that a
+/// restore only maps memory and loads state. On this host those KVM steps are most of a cold
+/// restore (they wait for SRCU grace periods).
+pub struct Standby {
+    kvm: kvm_ioctls::Kvm,
+    fd: kvm_ioctls::VmFd,
+    ram: GuestRam,
+    cpuids: Vec<kvm_bindings::CpuId>,
+    fingerprint: u64,
+    vcpu_fds: Vec<kvm_ioctls::VcpuFd>,
+    serial_irq: EventFd,
+}
+
+impl Standby {
+    /// Prepares a VM of `nvcpus` vCPUs and `mem_mib` MiB.
+    pub fn new(nvcpus: u8, mem_mib: u64) -> Result<Self, SnapshotError> {
+        let cfg = vm::VmConfig { vcpus: nvcpus, mem_mib, ..Default::default() };
+        cfg.validate()?;
+        let (kvm, fd) = vm::create_kvm_vm()?;
+        let regions = crate::memory::ram_regions(mem_mib << 20)?;
+        let mappings = regions
+            .iter()
+            .map(|r| crate::memory::Mapping::anonymous(r.size))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ram = GuestRam::from_mappings(regions, mappings, None)?;
+        vm::set_memory_slots(&fd, &ram, true)?;
+        let (cpuids, fingerprint) = vm::vcpu_cpuids(&kvm, nvcpus)?;
+        let mut vcpu_fds = Vec::with_capacity(usize::from(nvcpus));
+        for i in 0..nvcpus {
+            vcpu_fds.push(vm::create_vcpu(&fd, i, &cpuids[usize::from(i)])?);
+        }
+        let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
+        fd.register_irqfd(&serial_irq, COM1_IRQ).map_err(|e| VmError::Kvm("KVM_IRQFD", e))?;
+        crate::timing::mark("standby ready");
+        Ok(Self { kvm, fd, ram, cpuids, fingerprint, vcpu_fds, serial_irq })
+    }
+
+    /// Reads and checks the snapshot in `cfg.dir` against this standby VM (vCPU count, RAM,
+    /// CPUID) and opens its layers. Nothing is changed: on error the standby VMM stays usable.
+    pub fn check(&self, cfg: &RestoreConfig) -> Result<Prepared, SnapshotError> {
+        if cfg.mem_mode != MemMode::Mmap {
+            return Err(SnapshotError::Dir {
+                path: cfg.dir.display().to_string(),
+                why: "a standby VMM restores in mmap mode only".into(),
+            });
+        }
+        let state = persist::read_state(&cfg.dir)?;
+        if state.cpuid_fingerprint != self.fingerprint {
+            return Err(PersistError::CpuidMismatch {
+                saved: state.cpuid_fingerprint,
+                host: self.fingerprint,
+            }
+            .into());
+        }
+        if state.regions != self.ram.regions() || state.vcpus.len() != self.vcpu_fds.len() {
+            return Err(PersistError::Invalid(format!(
+                "snapshot has {} vCPUs and {} bytes of RAM; this standby VMM has {} and {}",
+                state.vcpus.len(),
+                state.regions.iter().map(|r| r.size).sum::<u64>(),
+                self.vcpu_fds.len(),
+                self.ram.size()
+            ))
+            .into());
+        }
+        let chain = Chain::open(&state.layers)?;
+        let out = SerialOut::open(&cfg.serial)?;
+        Ok(Prepared { state, chain, out })
+    }
+
+    /// Loads a checked snapshot into the prepared VM and starts it. Errors are final (the VM
+    /// was being changed).
+    pub fn finish(
+        self,
+        cfg: &RestoreConfig,
+        prepared: Prepared,
+        events: VmEvents,
+    ) -> Result<Vm, SnapshotError> {
+        let Prepared { state, chain, out } = prepared;
+        let head = chain.head();
+        map_chain_fixed(&self.ram, &chain)?;
+        crate::timing::mark("memory mapped");
+        <&kvm_ioctls::VmFd as Persist>::restore(&self.fd, &state.vm)?;
+        for (v, s) in self.vcpu_fds.iter().zip(&state.vcpus) {
+            load_vcpu(v, s)?;
+        }
+        let irq = self.serial_irq.try_clone().map_err(DeviceError::EventFd)?;
+        let bus = PortBus::restore(&state.devices, out, irq, crate::timing::start(), cfg.identity)?;
+        bus.set_generation(state.devices.generation.wrapping_add(1));
+        let mut vm = Vm::assemble(
+            self.kvm,
+            self.fd,
+            self.ram,
+            Arc::new(bus),
+            self.cpuids,
+            self.fingerprint,
+            self.serial_irq,
+        )
+        .with_events(events.0, events.1);
+        vm.dirty_logging = true;
+        vm.layers = state.layers.iter().map(PathBuf::from).collect();
+        vm.head = Some(head);
+        vm.start_vcpus(self.vcpu_fds, false)?;
+        Ok(vm)
+    }
+}
+
 /// Restores a VM from a snapshot directory and starts its vCPUs.
 pub fn restore(cfg: &RestoreConfig) -> Result<Vm, SnapshotError> {
     let state = persist::read_state(&cfg.dir)?;

@@ -285,6 +285,14 @@ impl Vm {
         }
     }
 
+    /// Uses an existing event channel (a standby VMM's, whose control socket already sends
+    /// into it). Call before the vCPUs start.
+    pub fn with_events(mut self, tx: Sender<VcpuEvent>, rx: Receiver<VcpuEvent>) -> Self {
+        self.events_tx = tx;
+        self.events = rx;
+        self
+    }
+
     /// The serial interrupt eventfd.
     pub fn serial_irq(&self) -> &EventFd {
         &self.serial_irq

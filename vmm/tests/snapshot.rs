@@ -675,3 +675,50 @@ fn a_failed_page_server_fails_the_vm() {
     assert!(err.contains("page server"), "the error names the page server: {err}");
     assert_eq!(err.lines().count(), 1, "one line: {err}");
 }
+
+#[test]
+fn standby_vmm_restores_a_fork() {
+    if !kvm_available() {
+        return;
+    }
+    let d = tmp();
+    let touch = 4;
+    let mut parent = fork_parent(d.path(), touch);
+    let f = d.path().join("f");
+    parent.api().fork(&f);
+    parent.wait_ts(10);
+    let sock = d.path().join("standby.sock");
+    let args =
+        ["standby", "--api-sock", sock.to_str().unwrap(), "--mem-mib", "64"].map(String::from);
+    let mut sb = Vmm::spawn(&args, Some(sock.clone()));
+    let mut api = sb.api();
+    assert_eq!(api.call(&json!({"cmd": "status"}))["state"], json!("standby"));
+    // Refusals leave the standby VMM usable: wrong size, missing snapshot, other commands.
+    let small = d.path().join("small.sock");
+    let mut other = Vmm::boot("tg.mode=fork tg.touch_mib=1", 32, &small);
+    other.wait_for("READY", |s| s.contains("READY"));
+    let f32 = d.path().join("f32");
+    other.api().fork(&f32);
+    drop(other);
+    let v = api.raw(&json!({"cmd": "restore", "snapshot": f32}).to_string());
+    assert_eq!(v["ok"], json!(false), "{v}");
+    assert!(v["error"].as_str().unwrap().contains("bytes of RAM"), "{v}");
+    let v = api.raw(&json!({"cmd": "restore", "snapshot": d.path().join("none")}).to_string());
+    assert_eq!(v["ok"], json!(false), "{v}");
+    let v = api.raw(r#"{"cmd":"pause"}"#);
+    assert_eq!(v["ok"], json!(false), "{v}");
+    // The real one.
+    let v = api.call(&json!({"cmd": "restore", "snapshot": f, "identity": 9}));
+    assert!(v["restore_ms"].as_f64().is_some(), "{v}");
+    let want = id_line(9, touch);
+    sb.wait_for(&want, |s| s.contains(&want));
+    sb.wait_ts(20);
+    // Now it is an ordinary VM on the same socket.
+    let st = api.call(&json!({"cmd": "status"}));
+    assert_eq!(st["generation"], json!(1), "{st}");
+    let v = api.raw(&json!({"cmd": "restore", "snapshot": f}).to_string());
+    assert_eq!(v["ok"], json!(false), "a second restore is refused: {v}");
+    let snap = d.path().join("child-diff");
+    api.snapshot("diff", &snap);
+    assert_eq!(first_words(&snap, REGION_START, 1)[0], pattern(REGION_START, 9));
+}
