@@ -157,9 +157,17 @@ pub fn set_winsize(fd: RawFd, rows: u16, cols: u16) -> io::Result<()> {
     check(unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) }).map(drop)
 }
 
+/// Credentials a child switches to before exec: supplementary groups, gid, uid.
+pub struct Creds {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
 /// In a forked child before exec: new session, optionally the controlling terminal on fd 0,
-/// empty signal mask. Only async-signal-safe calls.
-pub fn child_setup(ctty: bool) -> io::Result<()> {
+/// empty signal mask, then the credentials (groups, gid, uid, in that order: each needs the
+/// privileges the next one drops). Only async-signal-safe syscalls; no allocation.
+pub fn child_setup(ctty: bool, creds: Option<&Creds>) -> io::Result<()> {
     // SAFETY: setsid has no memory effects.
     check(unsafe { libc::setsid() })?;
     if ctty {
@@ -171,6 +179,14 @@ pub fn child_setup(ctty: bool) -> io::Result<()> {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+    }
+    if let Some(c) = creds {
+        // SAFETY: `groups` is a valid slice of gid_t (u32) of the given length.
+        check(unsafe { libc::setgroups(c.groups.len(), c.groups.as_ptr()) })?;
+        // SAFETY: plain syscalls with integer arguments.
+        check(unsafe { libc::setgid(c.gid) })?;
+        // SAFETY: as above.
+        check(unsafe { libc::setuid(c.uid) })?;
     }
     Ok(())
 }

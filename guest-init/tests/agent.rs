@@ -750,4 +750,54 @@ mod tests {
             t.join().unwrap();
         }
     }
+
+    #[test]
+    fn exec_user_gets_supplementary_groups() {
+        if !is_root() {
+            println!("skipped: switching users needs root");
+            return;
+        }
+        // Any group of this host's /etc/group with a member that /etc/passwd knows.
+        let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+        let users: Vec<&str> = passwd.lines().filter_map(|l| l.split(':').next()).collect();
+        let group = std::fs::read_to_string("/etc/group").unwrap();
+        let pair = group.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            let member = f.get(3)?.split(',').find(|m| users.contains(m))?;
+            Some((member.to_string(), f[2].to_string()))
+        });
+        let Some((user, gid)) = pair else {
+            println!("skipped: no user of /etc/passwd is listed as a group member in /etc/group");
+            return;
+        };
+        let a = Agent::start();
+        let mut c = a.client();
+        let r = c
+            .exec(
+                ExecStart {
+                    argv: argv(&["id", "-G"]),
+                    user: Some(User { name: user.clone(), uid: None, gid: None }),
+                    ..Default::default()
+                },
+                None,
+            )
+            .unwrap();
+        let groups = String::from_utf8_lossy(&r.stdout).into_owned();
+        assert!(
+            groups.split_whitespace().any(|g| g == gid),
+            "{user}: id -G = {groups:?}, want {gid}"
+        );
+        // Root's own groups are not leaked into a process run as nobody.
+        let r = c
+            .exec(
+                ExecStart {
+                    argv: argv(&["id", "-G"]),
+                    user: Some(User { name: String::new(), uid: Some(65534), gid: Some(65534) }),
+                    ..Default::default()
+                },
+                None,
+            )
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&r.stdout).trim(), "65534");
+    }
 }

@@ -77,7 +77,6 @@ pub fn start(conn: &Conn, id: u64, req: ExecStart) -> Result<(), AgentError> {
         cmd.env_clear();
     }
     if let Some(u) = &user {
-        cmd.uid(u.uid).gid(u.gid);
         if let Some(h) = &u.home {
             cmd.env("HOME", h);
         }
@@ -111,7 +110,9 @@ pub fn start(conn: &Conn, id: u64, req: ExecStart) -> Result<(), AgentError> {
         }
     };
     let ctty = pty.is_some();
-    unsafe_free_pre_exec(&mut cmd, ctty);
+    let creds =
+        user.as_ref().map(|u| sys::Creds { uid: u.uid, gid: u.gid, groups: u.groups.clone() });
+    set_pre_exec(&mut cmd, ctty, creds);
 
     let started = Instant::now();
     let (mut child, status_rx) = crate::reaper::spawn(&mut cmd)
@@ -215,11 +216,12 @@ pub fn start(conn: &Conn, id: u64, req: ExecStart) -> Result<(), AgentError> {
     Ok(())
 }
 
-fn unsafe_free_pre_exec(cmd: &mut Command, ctty: bool) {
+fn set_pre_exec(cmd: &mut Command, ctty: bool, creds: Option<sys::Creds>) {
     // SAFETY: the hook runs in the forked child before exec and only calls
-    // sys::child_setup, which makes async-signal-safe syscalls and does not allocate.
+    // sys::child_setup, which makes async-signal-safe syscalls and does not allocate
+    // (`creds` was built before the fork).
     unsafe {
-        cmd.pre_exec(move || sys::child_setup(ctty));
+        cmd.pre_exec(move || sys::child_setup(ctty, creds.as_ref()));
     }
 }
 

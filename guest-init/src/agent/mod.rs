@@ -434,6 +434,8 @@ pub fn listen(ctx: &Arc<Ctx>, addr: &Listen) -> io::Result<String> {
 pub struct UserIds {
     pub uid: u32,
     pub gid: u32,
+    /// Primary gid plus the groups /etc/group lists the user in.
+    pub groups: Vec<u32>,
     pub name: Option<String>,
     pub home: Option<String>,
 }
@@ -445,6 +447,7 @@ pub fn resolve_user(u: Option<&grove_proto::guest::User>) -> Result<Option<UserI
         return Ok(None);
     }
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
     for line in passwd.lines() {
         let f: Vec<&str> = line.split(':').collect();
         if f.len() < 7 {
@@ -454,9 +457,11 @@ pub fn resolve_user(u: Option<&grove_proto::guest::User>) -> Result<Option<UserI
             continue;
         };
         if (!u.name.is_empty() && f[0] == u.name) || (u.name.is_empty() && u.uid == Some(uid)) {
+            let gid = u.gid.unwrap_or(gid);
             return Ok(Some(UserIds {
                 uid,
-                gid: u.gid.unwrap_or(gid),
+                gid,
+                groups: supplementary_groups(&group, f[0], gid),
                 name: Some(f[0].to_string()),
                 home: Some(f[5].to_string()),
             }));
@@ -464,13 +469,44 @@ pub fn resolve_user(u: Option<&grove_proto::guest::User>) -> Result<Option<UserI
     }
     match u.uid {
         Some(uid) if u.name.is_empty() => {
-            Ok(Some(UserIds { uid, gid: u.gid.unwrap_or(uid), name: None, home: None }))
+            let gid = u.gid.unwrap_or(uid);
+            Ok(Some(UserIds { uid, gid, groups: vec![gid], name: None, home: None }))
         }
         _ => Err(AgentError::BadRequest(format!("unknown user {:?}", u.name))),
     }
 }
 
+/// `primary` plus every group of /etc/group whose member list names `user` (at most 64).
+pub fn supplementary_groups(group_file: &str, user: &str, primary: u32) -> Vec<u32> {
+    let mut out = vec![primary];
+    for line in group_file.lines() {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() < 4 || !f[3].split(',').any(|m| m.trim() == user) {
+            continue;
+        }
+        if let Ok(g) = f[2].parse::<u32>() {
+            if !out.contains(&g) && out.len() < 64 {
+                out.push(g);
+            }
+        }
+    }
+    out
+}
+
 /// A `File` helper for the read half of a PTY master etc.
 pub(crate) fn clone_file(f: &File) -> Result<File, AgentError> {
     f.try_clone().map_err(|e| AgentError::os("dup", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::supplementary_groups;
+
+    #[test]
+    fn groups_from_group_file() {
+        let g = "root:x:0:\nssl-cert:x:103:postgres,alice\nadm:x:4:alice\nbad:x:notanumber:alice\nshort:x\n";
+        assert_eq!(supplementary_groups(g, "alice", 1000), [1000, 103, 4]);
+        assert_eq!(supplementary_groups(g, "postgres", 103), [103]);
+        assert_eq!(supplementary_groups(g, "nobody", 65534), [65534]);
+    }
 }
