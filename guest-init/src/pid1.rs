@@ -211,7 +211,9 @@ fn system_stage(c: &Cmdline, sigset: Option<libc::sigset_t>, t0: Instant) -> ! {
     mount_fs("cgroup2", "/sys/fs/cgroup", "cgroup2", NOSUID_NODEV_NOEXEC, "");
     let _ = sys::disable_cad();
 
-    let ipcfg = c.get("ip").map(IfConfig::parse_cmdline);
+    // `ip=` on the cmdline, else the same syntax in the image's /etc/grove/ip.
+    let ip_file = fs::read_to_string("/etc/grove/ip").ok().map(|s| s.trim().to_string());
+    let ipcfg = c.get("ip").or(ip_file.as_deref()).map(IfConfig::parse_cmdline);
     let hostname = c
         .get("grove.hostname")
         .map(str::to_string)
