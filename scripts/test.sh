@@ -9,7 +9,8 @@ cargo fmt --all --check
 (cd vmm/testguest && cargo fmt --check)
 echo "== cargo clippy" >&2
 cargo clippy --workspace --all-targets --quiet -- -D warnings
-echo "== test guest" >&2
+echo "== test guest (unit tests of its parsing and pattern logic, then the ELF)" >&2
+(cd vmm/testguest && cargo test --lib --quiet)
 GROVE_TESTGUEST="$(scripts/build-testguest.sh | tail -1)"
 export GROVE_TESTGUEST
 echo "== guest kernel + initramfs (scripts/fetch-kernel.sh)" >&2
