@@ -437,6 +437,41 @@ mod tests {
         assert!(matches!(IndexFile::open(f, 8), Err(IndexError::WrongLayer { found: 7, .. })));
     }
 
+    /// What the fuzz target does, on a budget: mutated valid images and garbage
+    /// never panic, and whatever is accepted is self-consistent.
+    #[test]
+    fn parser_survives_mutations_and_garbage() {
+        let h = Header::new(3, 1 << 20, 4096).unwrap();
+        let good = image(&h);
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..3000 {
+            let mut b = good.clone();
+            for _ in 0..1 + next() % 4 {
+                let i = usize::try_from(next() % b.len() as u64).unwrap();
+                b[i] = next() as u8;
+            }
+            let cut = usize::try_from(next() % (b.len() as u64 + 1)).unwrap();
+            for bytes in [&b[..], &b[..cut]] {
+                if let Ok((hh, slot, generation, bm)) = parse_image(bytes) {
+                    assert!(slot < 2 && generation > 0);
+                    assert_eq!(bm.chunks(), hh.chunks);
+                    assert!(hh.file_len() <= bytes.len() as u64);
+                }
+            }
+        }
+        for len in [0usize, 1, 51, 52, 4096, 9000] {
+            let junk: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            assert!(parse_image(&junk).is_err());
+            assert!(SlotHeader::parse(&junk).is_none() || len >= 24);
+        }
+    }
+
     #[test]
     fn corrupt_and_truncated_files_give_clear_errors() {
         let h = Header::new(1, 64 << 20, 65536).unwrap();
