@@ -327,7 +327,7 @@ impl BlockStore for DmThinStore {
     type Disk = DmThinDisk;
 
     fn create_base(&self, size: u64, image: Option<&Path>) -> Result<LayerId, BlockError> {
-        if size == 0 || size % SECTOR_SIZE != 0 {
+        if size == 0 || !size.is_multiple_of(SECTOR_SIZE) {
             return Err(BlockError::Invalid(format!("disk size {size}")));
         }
         let inner = &self.inner;

@@ -160,7 +160,7 @@ pub trait BlockStore: Send + Sync {
 /// returns its byte offset.
 pub fn check_range(sector: u64, len: u64, size: u64) -> Result<u64, BlockError> {
     let bad = || BlockError::OutOfRange { sector, len, size };
-    if len % SECTOR_SIZE != 0 {
+    if !len.is_multiple_of(SECTOR_SIZE) {
         return Err(bad());
     }
     let off = sector.checked_mul(SECTOR_SIZE).ok_or_else(bad)?;

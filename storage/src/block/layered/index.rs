@@ -94,7 +94,7 @@ impl Header {
         {
             return bad("chunk size");
         }
-        if self.disk_size == 0 || self.disk_size % 512 != 0 || self.disk_size > MAX_DISK {
+        if self.disk_size == 0 || !self.disk_size.is_multiple_of(512) || self.disk_size > MAX_DISK {
             return bad("disk size");
         }
         if self.chunks != self.disk_size.div_ceil(u64::from(self.chunk_size)) {

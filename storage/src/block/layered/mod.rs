@@ -524,7 +524,7 @@ impl BlockStore for LayeredStore {
     type Disk = LayeredDisk;
 
     fn create_base(&self, size: u64, image: Option<&Path>) -> Result<LayerId, BlockError> {
-        if size == 0 || size % SECTOR_SIZE != 0 || size > index::MAX_DISK {
+        if size == 0 || !size.is_multiple_of(SECTOR_SIZE) || size > index::MAX_DISK {
             return Err(BlockError::Invalid(format!("disk size {size}")));
         }
         let inner = &self.inner;
