@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use grove_storage::block::layered::index::IndexError;
+use grove_storage::block::layered::index::{Header, IndexError};
 use grove_storage::block::layered::LayeredStore;
 use grove_storage::block::{conformance, BlockDevice, BlockError, BlockStore, SECTOR_SIZE};
 
@@ -195,6 +195,33 @@ fn reopen_keeps_flushed_data_and_recovery_removes_orphans() {
     assert!(s.open_disk(snap).is_err(), "a frozen layer is not writable");
 }
 
+#[test]
+fn flushes_across_reopens_keep_every_bitmap_page() {
+    // 512 MiB at 4 KiB chunks: 4 bitmap pages of 128 MiB each.
+    let dir = tempfile::tempdir().unwrap();
+    let mib = |m: u64| m * (1 << 20) / 512;
+    let layer = {
+        let s = LayeredStore::open(dir.path()).unwrap();
+        let base = s.create_base(512 << 20, None).unwrap();
+        let d = s.clone_disk(base).unwrap();
+        d.write(mib(1), &[1; 4096]).unwrap();
+        d.write(mib(400), &[2; 4096]).unwrap();
+        d.flush().unwrap();
+        d.layer()
+    };
+    for (round, at) in [(3u8, 200u64), (4, 300), (5, 10)] {
+        let s = LayeredStore::open(dir.path()).unwrap();
+        let d = s.open_disk(layer).unwrap();
+        d.write(mib(at), &[round; 4096]).unwrap();
+        d.flush().unwrap();
+    }
+    let s = LayeredStore::open(dir.path()).unwrap();
+    let d = s.open_disk(layer).unwrap();
+    for (at, v) in [(1u64, 1u8), (400, 2), (200, 3), (300, 4), (10, 5)] {
+        assert_eq!(read(&d, mib(at) * 512, 4096), vec![v; 4096], "MiB {at}");
+    }
+}
+
 fn index_path(dir: &Path, layer: u64) -> PathBuf {
     dir.join(format!("layers/L{layer}.idx"))
 }
@@ -240,9 +267,11 @@ fn corrupt_or_truncated_index_gives_clear_errors() {
     check(&good[..20], |e| matches!(e, IndexError::Truncated { .. }));
     let mut b = good.clone();
     // Both slot headers destroyed.
-    b[4096..4096 + 24].fill(0x55);
-    let slot1 = 4096 + 8192;
-    b[slot1..slot1 + 24].fill(0x55);
+    let h = Header::new(snap, 1 << 20, 4096).unwrap();
+    for i in 0..2 {
+        let o = usize::try_from(h.slot_offset(i)).unwrap();
+        b[o..o + 24].fill(0x55);
+    }
     check(&b, |e| matches!(e, IndexError::NoValidSlot));
     // The good file works again.
     std::fs::write(&path, &good).unwrap();
@@ -258,14 +287,15 @@ fn a_torn_index_commit_falls_back_to_the_previous_one() {
         let base = s.create_base(1 << 20, None).unwrap();
         let d = s.clone_disk(base).unwrap();
         d.write(0, &[1; 4096]).unwrap();
-        d.flush().unwrap(); // generation 2 in slot 1
+        d.flush().unwrap(); // generation 4 in slot 1 (a new index has 1 and 2)
         d.write(8, &[2; 4096]).unwrap();
-        d.flush().unwrap(); // generation 3 in slot 0
+        d.flush().unwrap(); // generation 4 in slot 1
         d.layer()
     };
-    // Tear the newest commit (slot 0): its header no longer checks out.
+    // Tear the newest commit (slot 1): its header no longer checks out.
+    let h = Header::new(layer, 1 << 20, 4096).unwrap();
     let f = std::fs::OpenOptions::new().write(true).open(index_path(dir.path(), layer)).unwrap();
-    f.write_all_at(&[0xff; 8], 4096 + 8).unwrap();
+    f.write_all_at(&[0xff; 8], h.slot_offset(1) + 8).unwrap();
     drop(f);
     let s = LayeredStore::open(dir.path()).unwrap();
     let d = s.open_disk(layer).unwrap();

@@ -12,20 +12,24 @@
 //!     32  8  chunk count = ceil(disk size / chunk size)
 //!     40  8  bitmap bytes = ceil(chunk count / 64) * 8
 //!     48  4  CRC-32 of bytes 0..48
-//! slot 0 at 4096, slot 1 at 4096 + slot_len; slot_len = 4096 + bitmap bytes rounded up to 4096
+//! pages = ceil(bitmap bytes / 4096); table = pages * 4 bytes rounded up to 4096
+//! slot i at 4096 + i * slot_len; slot_len = 4096 + table + pages * 4096
 //!   slot header page
 //!      0  8  magic "GRVBSLOT"
 //!      8  8  generation (0 = never written)
-//!     16  4  CRC-32 of the bitmap
+//!     16  4  CRC-32 of the page table (pages * 4 bytes)
 //!     20  4  CRC-32 of bytes 0..20
+//!   page table: CRC-32 of each 4096-byte bitmap page (zero padded)
 //!   bitmap pages: bit c of word c/64 set = chunk c is owned by this layer
 //! ```
 //!
-//! A commit writes the bitmap into the slot that does not hold the newest valid
-//! generation (only the bitmap pages changed since that slot was last written),
-//! then its slot header with generation + 1, then fdatasyncs. A torn commit
-//! leaves that slot failing its checksum, and the loader takes the other one, so
-//! the index on disk is always a state that was committed whole.
+//! A commit writes into the slot that does not hold the newest valid generation:
+//! the bitmap pages changed since that slot was last written, their checksums in
+//! the page table, the table, then the slot header with generation + 1, then one
+//! fdatasync. Its cost grows with the pages changed, not with the disk size. A
+//! torn commit leaves that slot failing a checksum, and the loader takes the other
+//! one, so the index on disk is always a state that was committed whole. A new
+//! index has both slots valid (generations 1 and 2, empty bitmaps).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -106,14 +110,34 @@ impl Header {
         Ok(())
     }
 
-    /// Bytes of one slot (header page + bitmap pages).
+    /// Number of bitmap pages.
+    pub fn pages(&self) -> u64 {
+        self.bitmap_bytes.div_ceil(PAGE)
+    }
+
+    /// Bytes of the page table region of a slot.
+    pub fn table_len(&self) -> u64 {
+        (self.pages() * 4).div_ceil(PAGE) * PAGE
+    }
+
+    /// Bytes of one slot (header page + page table + bitmap pages).
     pub fn slot_len(&self) -> u64 {
-        PAGE + self.bitmap_bytes.div_ceil(PAGE) * PAGE
+        PAGE + self.table_len() + self.pages() * PAGE
     }
 
     /// Offset of slot `i`.
     pub fn slot_offset(&self, i: usize) -> u64 {
         PAGE + if i == 0 { 0 } else { self.slot_len() }
+    }
+
+    /// Offset of slot `i`'s page table.
+    pub fn table_offset(&self, i: usize) -> u64 {
+        self.slot_offset(i) + PAGE
+    }
+
+    /// Offset of slot `i`'s first bitmap page.
+    pub fn bitmap_offset(&self, i: usize) -> u64 {
+        self.slot_offset(i) + PAGE + self.table_len()
     }
 
     /// Size of the whole index file.
@@ -169,7 +193,7 @@ impl Header {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SlotHeader {
     pub generation: u64,
-    pub bitmap_crc: u32,
+    pub table_crc: u32,
 }
 
 impl SlotHeader {
@@ -177,7 +201,7 @@ impl SlotHeader {
         let mut b = [0u8; 24];
         b[0..8].copy_from_slice(&SLOT_MAGIC);
         b[8..16].copy_from_slice(&self.generation.to_le_bytes());
-        b[16..20].copy_from_slice(&self.bitmap_crc.to_le_bytes());
+        b[16..20].copy_from_slice(&self.table_crc.to_le_bytes());
         let crc = crc32fast::hash(&b[0..20]);
         b[20..24].copy_from_slice(&crc.to_le_bytes());
         b
@@ -193,22 +217,39 @@ impl SlotHeader {
             return None;
         }
         let generation = u64::from_le_bytes(b[8..16].try_into().ok()?);
-        let bitmap_crc = u32::from_le_bytes(b[16..20].try_into().ok()?);
-        (generation > 0).then_some(Self { generation, bitmap_crc })
+        let table_crc = u32::from_le_bytes(b[16..20].try_into().ok()?);
+        (generation > 0).then_some(Self { generation, table_crc })
     }
 }
 
-/// Chooses the newest slot whose header and bitmap checksums hold. `slots` are
-/// (slot header bytes, bitmap bytes). Returns (slot index, generation).
-pub fn choose_slot(slots: [(&[u8], &[u8]); 2]) -> Result<(usize, u64), IndexError> {
+/// Checks one slot: header, page table, every bitmap page. `table` holds at
+/// least `pages * 4` bytes, `bitmap` exactly `pages * 4096`. Returns the slot's
+/// generation and page table.
+pub fn check_slot(
+    hdr: &[u8],
+    table: &[u8],
+    bitmap: &[u8],
+    pages: usize,
+) -> Option<(u64, Vec<u32>)> {
+    let sh = SlotHeader::parse(hdr)?;
+    let table = table.get(..pages.checked_mul(4)?)?;
+    if crc32fast::hash(table) != sh.table_crc || bitmap.len() != pages.checked_mul(4096)? {
+        return None;
+    }
+    let crcs: Vec<u32> =
+        table.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
+    let ok = bitmap.chunks_exact(4096).zip(&crcs).all(|(page, &crc)| crc32fast::hash(page) == crc);
+    ok.then_some((sh.generation, crcs))
+}
+
+/// The newest valid slot of two checked ones: (slot, generation).
+fn newest(slots: &[Option<(u64, Vec<u32>)>; 2]) -> Result<(usize, u64), IndexError> {
     let mut best: Option<(usize, u64)> = None;
-    for (i, (hdr, bitmap)) in slots.iter().enumerate() {
-        let Some(sh) = SlotHeader::parse(hdr) else { continue };
-        if crc32fast::hash(bitmap) != sh.bitmap_crc {
-            continue;
-        }
-        if best.is_none_or(|(_, g)| sh.generation > g) {
-            best = Some((i, sh.generation));
+    for (i, s) in slots.iter().enumerate() {
+        if let Some((g, _)) = s {
+            if best.is_none_or(|(_, bg)| *g > bg) {
+                best = Some((i, *g));
+            }
         }
     }
     best.ok_or(IndexError::NoValidSlot)
@@ -222,14 +263,24 @@ pub fn parse_image(b: &[u8]) -> Result<(Header, usize, u64, Bitmap), IndexError>
     if (b.len() as u64) < need {
         return Err(IndexError::Truncated { found: b.len() as u64, need });
     }
-    let bm = usize::try_from(h.bitmap_bytes).map_err(|_| IndexError::BadGeometry("size".into()))?;
+    let big = |_| IndexError::BadGeometry("size".into());
+    let pages = usize::try_from(h.pages()).map_err(big)?;
+    let at = |o: u64| usize::try_from(o).unwrap_or(usize::MAX);
     let slot = |i: usize| {
-        let o = usize::try_from(h.slot_offset(i)).unwrap_or(usize::MAX);
-        let p = usize::try_from(PAGE).unwrap_or(4096);
-        (&b[o..o + 24], &b[o + p..o + p + bm])
+        let bo = at(h.bitmap_offset(i));
+        (
+            &b[at(h.slot_offset(i))..at(h.slot_offset(i)) + 24],
+            &b[at(h.table_offset(i))..at(h.table_offset(i) + h.table_len())],
+            &b[bo..bo + pages * 4096],
+        )
     };
-    let (i, generation) = choose_slot([slot(0), slot(1)])?;
-    let bitmap = Bitmap::from_bytes(slot(i).1, h.chunks);
+    let checked = [0, 1].map(|i| {
+        let (hd, t, bm) = slot(i);
+        check_slot(hd, t, bm, pages)
+    });
+    let (i, generation) = newest(&checked)?;
+    let bm = usize::try_from(h.bitmap_bytes).map_err(big)?;
+    let bitmap = Bitmap::from_bytes(&slot(i).2[..bm], h.chunks);
     Ok((h, i, generation, bitmap))
 }
 
@@ -267,6 +318,16 @@ impl Bitmap {
         out
     }
 
+    /// Bitmap page `p` as stored on disk: 4096 bytes, zero padded.
+    pub fn page_bytes(&self, p: u64) -> Vec<u8> {
+        let mut out = vec![0u8; 4096];
+        let first = usize::try_from(p * 512).unwrap_or(usize::MAX);
+        for (i, w) in self.words.iter().skip(first).take(512).enumerate() {
+            out[i * 8..i * 8 + 8].copy_from_slice(&w.load(Ordering::Acquire).to_le_bytes());
+        }
+        out
+    }
+
     /// Whether chunk `c` is owned.
     pub fn get(&self, c: u64) -> bool {
         let Ok(i) = usize::try_from(c / 64) else { return false };
@@ -292,28 +353,28 @@ impl Bitmap {
     }
 }
 
-/// Creates the index file of a new, empty layer: header, slot 0 valid with an
-/// empty bitmap (generation 1), slot 1 never written. Sparse: O(1) in the disk
-/// size apart from the bitmap checksum.
+fn zero_page_crc() -> u32 {
+    crc32fast::hash(&[0u8; 4096])
+}
+
+fn table_bytes(crcs: &[u32]) -> Vec<u8> {
+    crcs.iter().flat_map(|c| c.to_le_bytes()).collect()
+}
+
+/// Creates the index file of a new, empty layer: header, both slots valid with
+/// empty bitmaps (generations 1 and 2). Sparse: the bitmap pages are holes; only
+/// the page tables (4 bytes per 128 MiB of disk at 4 KiB chunks) are written.
 pub fn create(file: &File, h: &Header) -> Result<(), IndexError> {
     file.set_len(h.file_len())?;
     file.write_all_at(&h.encode(), 0)?;
-    let zeros_crc = crc_of_zeros(h.bitmap_bytes);
-    let sh = SlotHeader { generation: 1, bitmap_crc: zeros_crc };
-    file.write_all_at(&sh.encode(), h.slot_offset(0))?;
-    Ok(())
-}
-
-fn crc_of_zeros(len: u64) -> u32 {
-    let block = [0u8; 64 * 1024];
-    let mut hasher = crc32fast::Hasher::new();
-    let mut left = len;
-    while left > 0 {
-        let n = usize::try_from(left.min(block.len() as u64)).unwrap_or(block.len());
-        hasher.update(&block[..n]);
-        left -= n as u64;
+    let pages = usize::try_from(h.pages()).map_err(|_| IndexError::BadGeometry("size".into()))?;
+    let table = table_bytes(&vec![zero_page_crc(); pages]);
+    let table_crc = crc32fast::hash(&table);
+    for (i, generation) in [(0, 1), (1, 2)] {
+        file.write_all_at(&table, h.table_offset(i))?;
+        file.write_all_at(&SlotHeader { generation, table_crc }.encode(), h.slot_offset(i))?;
     }
-    hasher.finalize()
+    Ok(())
 }
 
 /// An open index file: loads the newest slot and commits new states.
@@ -324,11 +385,16 @@ pub struct IndexFile {
     /// Slot holding the newest committed state.
     current: usize,
     generation: u64,
+    /// Page checksums of each slot as on disk (a slot that failed its checks has
+    /// all its pages marked dirty, so its table is rebuilt as they are written).
+    tables: [Vec<u32>; 2],
 }
 
 impl IndexFile {
-    /// Opens an index, checking it belongs to `layer`; returns it and the bitmap.
-    pub fn open(file: File, layer: u64) -> Result<(Self, Bitmap), IndexError> {
+    /// Opens an index, checking it belongs to `layer`. Returns it, the bitmap,
+    /// and the bitmap pages the next commit must write (those where the target
+    /// slot differs from the current one).
+    pub fn open(file: File, layer: u64) -> Result<(Self, Bitmap, Vec<bool>), IndexError> {
         let len = file.metadata()?.len();
         let mut hb = [0u8; 52];
         if len < hb.len() as u64 {
@@ -342,31 +408,65 @@ impl IndexFile {
         if len < h.file_len() {
             return Err(IndexError::Truncated { found: len, need: h.file_len() });
         }
-        let bm =
-            usize::try_from(h.bitmap_bytes).map_err(|_| IndexError::BadGeometry("size".into()))?;
-        let mut slots = [(vec![0u8; 24], vec![0u8; bm]), (vec![0u8; 24], vec![0u8; bm])];
-        for (i, (sh, b)) in slots.iter_mut().enumerate() {
-            file.read_exact_at(sh, h.slot_offset(i))?;
-            file.read_exact_at(b, h.slot_offset(i) + PAGE)?;
+        let big = |_| IndexError::BadGeometry("size".into());
+        let pages = usize::try_from(h.pages()).map_err(big)?;
+        let tl = usize::try_from(h.table_len()).map_err(big)?;
+        let mut regions = Vec::with_capacity(2);
+        for i in 0..2 {
+            let mut hd = vec![0u8; 24];
+            let mut t = vec![0u8; tl];
+            let mut bm = vec![0u8; pages * 4096];
+            file.read_exact_at(&mut hd, h.slot_offset(i))?;
+            file.read_exact_at(&mut t, h.table_offset(i))?;
+            file.read_exact_at(&mut bm, h.bitmap_offset(i))?;
+            regions.push((hd, t, bm));
         }
-        let (current, generation) =
-            choose_slot([(&slots[0].0, &slots[0].1), (&slots[1].0, &slots[1].1)])?;
-        let bitmap = Bitmap::from_bytes(&slots[current].1, h.chunks);
-        Ok((Self { file, header: h, current, generation }, bitmap))
+        let checked =
+            [0, 1].map(|i| check_slot(&regions[i].0, &regions[i].1, &regions[i].2, pages));
+        let (current, generation) = newest(&checked)?;
+        let target = 1 - current;
+        let bm = usize::try_from(h.bitmap_bytes).map_err(big)?;
+        let bitmap = Bitmap::from_bytes(&regions[current].2[..bm], h.chunks);
+        let [c0, c1] = checked;
+        let mut tables = [c0.map(|x| x.1), c1.map(|x| x.1)];
+        let dirty: Vec<bool> = match &tables[target] {
+            Some(_) => regions[0]
+                .2
+                .chunks_exact(4096)
+                .zip(regions[1].2.chunks_exact(4096))
+                .map(|(a, b)| a != b)
+                .collect(),
+            None => vec![true; pages],
+        };
+        let tables = [
+            tables[0].take().unwrap_or_else(|| vec![0; pages]),
+            tables[1].take().unwrap_or_else(|| vec![0; pages]),
+        ];
+        Ok((Self { file, header: h, current, generation, tables }, bitmap, dirty))
     }
 
-    /// Opens the index of a spare layer, known to be as [`create`] left it
-    /// (spares are never written to): checks the header, skips reading the empty
-    /// bitmap. O(1) in the disk size.
-    pub fn open_fresh(file: File, expect: &Header) -> Result<(Self, Bitmap), IndexError> {
+    /// Opens the index of a new layer, known to be as [`create`] left it (new
+    /// layers and spares are never written before they are opened): checks the
+    /// header, skips reading the empty bitmaps. O(1) in the disk size.
+    pub fn open_fresh(
+        file: File,
+        expect: &Header,
+    ) -> Result<(Self, Bitmap, Vec<bool>), IndexError> {
         let mut hb = [0u8; 52];
         file.read_exact_at(&mut hb, 0)?;
         let h = Header::parse(&hb)?;
         if h != *expect {
             return Err(IndexError::WrongLayer { found: h.layer, expected: expect.layer });
         }
+        let pages =
+            usize::try_from(h.pages()).map_err(|_| IndexError::BadGeometry("size".into()))?;
         let bitmap = Bitmap::new(h.chunks);
-        Ok((Self { file, header: h, current: 0, generation: 1 }, bitmap))
+        let tables = [vec![zero_page_crc(); pages], vec![zero_page_crc(); pages]];
+        Ok((
+            Self { file, header: h, current: 1, generation: 2, tables },
+            bitmap,
+            vec![false; pages],
+        ))
     }
 
     pub fn header(&self) -> &Header {
@@ -378,22 +478,24 @@ impl IndexFile {
         1 - self.current
     }
 
-    /// Commits `bytes` (the whole bitmap) into the target slot, writing only the
-    /// bitmap pages listed in `pages` (those changed since the target slot was
-    /// last written), then the slot header, then fdatasync.
-    pub fn commit(&mut self, bytes: &[u8], pages: &[u64]) -> Result<(), IndexError> {
+    /// Commits into the target slot: `pages` are (page number, 4096 bytes) for
+    /// every bitmap page changed since the target slot was last written; then the
+    /// page table, the slot header, one fdatasync.
+    pub fn commit(&mut self, pages: &[(u64, Vec<u8>)]) -> Result<(), IndexError> {
         let t = self.target();
-        let base = self.header.slot_offset(t) + PAGE;
-        for &p in pages {
-            let start = usize::try_from(p * PAGE).unwrap_or(usize::MAX);
-            if start >= bytes.len() {
+        let h = self.header;
+        for (p, bytes) in pages {
+            let Some(slot) = usize::try_from(*p).ok().and_then(|i| self.tables[t].get_mut(i))
+            else {
                 continue;
-            }
-            let end = (start + 4096).min(bytes.len());
-            self.file.write_all_at(&bytes[start..end], base + p * PAGE)?;
+            };
+            *slot = crc32fast::hash(bytes);
+            self.file.write_all_at(bytes, h.bitmap_offset(t) + p * PAGE)?;
         }
-        let sh = SlotHeader { generation: self.generation + 1, bitmap_crc: crc32fast::hash(bytes) };
-        self.file.write_all_at(&sh.encode(), self.header.slot_offset(t))?;
+        let table = table_bytes(&self.tables[t]);
+        self.file.write_all_at(&table, h.table_offset(t))?;
+        let sh = SlotHeader { generation: self.generation + 1, table_crc: crc32fast::hash(&table) };
+        self.file.write_all_at(&sh.encode(), h.slot_offset(t))?;
         self.file.sync_data()?;
         self.current = t;
         self.generation += 1;
@@ -413,28 +515,61 @@ mod tests {
         b
     }
 
+    fn commit_all(idx: &mut IndexFile, bm: &Bitmap, pages: &[u64]) {
+        let data: Vec<(u64, Vec<u8>)> = pages.iter().map(|&p| (p, bm.page_bytes(p))).collect();
+        idx.commit(&data).unwrap();
+    }
+
     #[test]
     fn create_open_commit_and_torn_commit() {
         let h = Header::new(7, 1 << 30, 4096).unwrap();
+        assert_eq!(h.pages(), 8);
         let f = tempfile::tempfile().unwrap();
         create(&f, &h).unwrap();
-        let (mut idx, bm) = IndexFile::open(f.try_clone().unwrap(), 7).unwrap();
+        let (mut idx, bm, dirty) = IndexFile::open(f.try_clone().unwrap(), 7).unwrap();
         assert_eq!(bm.count(), 0);
+        assert!(dirty.iter().all(|d| !d), "both new slots hold the same empty bitmap");
         bm.set(5);
-        bm.set(100_000);
-        let bytes = bm.to_bytes();
-        let all: Vec<u64> = (0..h.bitmap_bytes.div_ceil(PAGE)).collect();
-        idx.commit(&bytes, &all).unwrap();
-        let (_, bm2) = IndexFile::open(f.try_clone().unwrap(), 7).unwrap();
+        bm.set(100_000); // page 3
+        commit_all(&mut idx, &bm, &[0, 3]);
+        let (_, bm2, dirty) = IndexFile::open(f.try_clone().unwrap(), 7).unwrap();
         assert!(bm2.get(5) && bm2.get(100_000) && !bm2.get(6));
-        // A torn second commit: bitmap page written, slot header not.
+        assert_eq!(dirty, vec![true, false, false, true, false, false, false, false]);
+        // The other slot gets the same pages on the next commit.
         bm.set(6);
+        commit_all(&mut idx, &bm, &[0, 3]);
+        let (_, bm2, dirty) = IndexFile::open(f.try_clone().unwrap(), 7).unwrap();
+        assert!(bm2.get(5) && bm2.get(6) && bm2.get(100_000));
+        assert_eq!(dirty, vec![true, false, false, false, false, false, false, false]);
+        // A torn third commit: a bitmap page written, slot header not.
+        bm.set(7);
         let t = idx.target();
-        f.write_all_at(&bm.to_bytes()[..4096], h.slot_offset(t) + PAGE).unwrap();
-        f.write_all_at(&[0xAA; 24], h.slot_offset(t)).unwrap();
-        let (_, bm3) = IndexFile::open(f.try_clone().unwrap(), 7).unwrap();
-        assert!(bm3.get(5) && !bm3.get(6), "falls back to the last whole commit");
+        f.write_all_at(&bm.page_bytes(0), h.bitmap_offset(t)).unwrap();
+        let (_, bm3, _) = IndexFile::open(f.try_clone().unwrap(), 7).unwrap();
+        assert!(bm3.get(6) && !bm3.get(7), "falls back to the last whole commit");
         assert!(matches!(IndexFile::open(f, 8), Err(IndexError::WrongLayer { found: 7, .. })));
+    }
+
+    #[test]
+    fn reopened_index_rewrites_what_the_stale_slot_lacks() {
+        // Commit bits on page 0 and page 5, reopen, commit one more bit on page 1:
+        // the stale slot must also get pages 0 and 5, or a reload after that
+        // commit would lose them.
+        let h = Header::new(9, 4 << 30, 4096).unwrap();
+        let f = tempfile::tempfile().unwrap();
+        create(&f, &h).unwrap();
+        let (mut idx, bm, _) = IndexFile::open(f.try_clone().unwrap(), 9).unwrap();
+        bm.set(1);
+        bm.set(5 * 32768);
+        commit_all(&mut idx, &bm, &[0, 5]);
+        drop(idx);
+        let (mut idx, bm, dirty) = IndexFile::open(f.try_clone().unwrap(), 9).unwrap();
+        let mut pages: Vec<u64> = (0..h.pages()).filter(|&p| dirty[p as usize]).collect();
+        bm.set(32768);
+        pages.push(1);
+        commit_all(&mut idx, &bm, &pages);
+        let (_, bm, _) = IndexFile::open(f, 9).unwrap();
+        assert!(bm.get(1) && bm.get(32768) && bm.get(5 * 32768));
     }
 
     /// What the fuzz target does, on a budget: mutated valid images and garbage
@@ -488,13 +623,23 @@ mod tests {
         assert!(matches!(parse_image(&b), Err(IndexError::BadHeaderChecksum)));
         assert!(matches!(parse_image(&good[..good.len() - 1]), Err(IndexError::Truncated { .. })));
         assert!(matches!(parse_image(&good[..10]), Err(IndexError::Truncated { .. })));
+        let at = |o: u64| usize::try_from(o).unwrap();
+        // One slot broken: the other one is used.
         let mut b = good.clone();
-        let o = usize::try_from(h.slot_offset(0)).unwrap();
-        b[o + 9] ^= 1;
+        b[at(h.slot_offset(1)) + 9] ^= 1;
+        assert_eq!(parse_image(&b).unwrap().1, 0);
+        // Both slot headers broken.
+        b[at(h.slot_offset(0)) + 9] ^= 1;
         assert!(matches!(parse_image(&b), Err(IndexError::NoValidSlot)));
+        // Bitmap pages no longer match their checksums.
+        let mut b = good.clone();
+        b[at(h.bitmap_offset(0))] = 1;
+        b[at(h.bitmap_offset(1)) + 7] = 1;
+        assert!(matches!(parse_image(&b), Err(IndexError::NoValidSlot)));
+        // Page tables corrupt.
         let mut b = good;
-        let o = usize::try_from(h.slot_offset(0) + PAGE).unwrap();
-        b[o] = 1; // bitmap no longer matches its checksum
+        b[at(h.table_offset(0))] ^= 1;
+        b[at(h.table_offset(1))] ^= 1;
         assert!(matches!(parse_image(&b), Err(IndexError::NoValidSlot)));
         // Geometry that lies.
         let mut hb = Header::new(1, 1 << 20, 4096).unwrap();

@@ -352,7 +352,7 @@ impl Inner {
                     .write(true)
                     .open(self.path(&index_name(rec.id)))
                     .map_err(|e| BlockError::io("open index", e))?;
-                let (idx, bm) =
+                let (idx, bm, _) =
                     IndexFile::open(f, rec.id).map_err(|e| self.index_err(rec.id, e))?;
                 self.check_geometry(rec, idx.header())?;
                 Some(Arc::new(bm))
@@ -389,7 +389,7 @@ impl Inner {
         idx: File,
         fresh: bool,
     ) -> Result<Writable, BlockError> {
-        let (idx, bm) = if fresh {
+        let (idx, bm, dirty_target) = if fresh {
             let h =
                 Header::new(rec.id, rec.size, self.chunk).map_err(|e| self.index_err(rec.id, e))?;
             IndexFile::open_fresh(idx, &h)
@@ -398,13 +398,13 @@ impl Inner {
         }
         .map_err(|e| self.index_err(rec.id, e))?;
         self.check_geometry(rec, idx.header())?;
-        let pages = usize::try_from(idx.header().bitmap_bytes.div_ceil(index::PAGE))
-            .map_err(|_| BlockError::Invalid("index too large".into()))?;
+        let mut pages = [vec![false; dirty_target.len()], vec![false; dirty_target.len()]];
+        pages[idx.target()] = dirty_target;
         Ok(Writable {
             id: rec.id,
             data: Arc::new(data),
             bitmap: Arc::new(bm),
-            copy: Mutex::new(Dirty { pages: [vec![false; pages], vec![false; pages]], changes: 0 }),
+            copy: Mutex::new(Dirty { pages, changes: 0 }),
             index: Mutex::new((idx, 0)),
             writes: AtomicU64::new(0),
             synced: AtomicU64::new(0),
@@ -690,7 +690,7 @@ fn sync_data(top: &Writable) -> Result<(), BlockError> {
 fn flush_writable(top: &Writable) -> Result<(), BlockError> {
     let mut idx = lock(&top.index);
     let target = idx.0.target();
-    let (bytes, pages, changes) = {
+    let (page_data, pages, changes) = {
         let mut d = lock(&top.copy);
         if d.changes == idx.1 {
             drop(d);
@@ -703,7 +703,10 @@ fn flush_writable(top: &Writable) -> Result<(), BlockError> {
             .map(|(i, _)| i as u64)
             .collect();
         d.pages[target].fill(false);
-        (top.bitmap.to_bytes(), pages, d.changes)
+        // Only the changed pages are copied (under the lock, so consistent).
+        let data: Vec<(u64, Vec<u8>)> =
+            pages.iter().map(|&p| (p, top.bitmap.page_bytes(p))).collect();
+        (data, pages, d.changes)
     };
     let restore = |pages: &[u64]| {
         let mut d = lock(&top.copy);
@@ -717,7 +720,7 @@ fn flush_writable(top: &Writable) -> Result<(), BlockError> {
         restore(&pages);
         return Err(e);
     }
-    if let Err(e) = idx.0.commit(&bytes, &pages) {
+    if let Err(e) = idx.0.commit(&page_data) {
         restore(&pages);
         return Err(match e {
             index::IndexError::Io(e) => BlockError::io("commit index", e),
