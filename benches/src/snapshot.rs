@@ -136,16 +136,68 @@ fn conditions(o: &Opts) -> Conditions {
 /// Host memory standing in for guest memory: two regions split at 3 GiB like the
 /// VMM's when larger than 3 GiB. Untouched pages stay the shared zero page.
 struct Mem {
-    regions: Vec<(u64, Vec<u8>)>,
+    regions: Vec<(u64, Anon)>,
+}
+
+/// Private anonymous memory, page aligned, lazily allocated (like the VMM's RAM).
+struct Anon {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Anon {
+    fn new(len: usize) -> Result<Self, String> {
+        // SAFETY: a fresh mapping at an address the kernel picks.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(format!("mmap {len} bytes: {}", std::io::Error::last_os_error()));
+        }
+        Ok(Self { ptr: p.cast(), len })
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl std::ops::Deref for Anon {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `ptr` maps `len` readable bytes for the life of `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl std::ops::DerefMut for Anon {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for Anon {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping this object owns; no slice outlives it.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
 }
 
 impl Mem {
     fn new(mib: u64) -> Result<Self, String> {
         let bytes = usize::try_from(mib << 20).map_err(|_| "size too large")?;
         let low = bytes.min(3 << 30);
-        let mut regions = vec![(0u64, vec![0u8; low])];
+        let mut regions = vec![(0u64, Anon::new(low)?)];
         if bytes > low {
-            regions.push((4 << 30, vec![0u8; bytes - low]));
+            regions.push((4 << 30, Anon::new(bytes - low)?));
         }
         Ok(Self { regions })
     }
@@ -248,6 +300,30 @@ fn bench_size(o: &Opts, mib: u64, rows: &mut Vec<Row>, files: &mut Cleanup) -> R
         files.0.push(p.clone());
         p
     };
+    // First full layer of freshly written memory (as after a boot): the untouched
+    // pages are not populated yet. Scanning them all faults each in; skipping them
+    // by pagemap (`skip_unpopulated`) does not.
+    let (mut scan_all, mut skip) = (Vec::new(), Vec::new());
+    for _ in 0..o.runs {
+        for skip_unpopulated in [false, true] {
+            let mut fresh_mem = Mem::new(mib)?;
+            fresh_mem.dirty(touched, touched, 1);
+            let path = fresh(files, "base");
+            let opts = WriteOptions { skip_unpopulated, ..wo.clone() };
+            let t = Instant::now();
+            write_full(&path, &fresh_mem.regions(None), &opts).map_err(|e| e.to_string())?;
+            if skip_unpopulated { &mut skip } else { &mut scan_all }.push(ms(t));
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    let tp = touched as u64;
+    summary(rows, "write full layer, fresh memory, scan every page", mib, tp, &scan_all);
+    summary(rows, "write full layer, fresh memory, skip unpopulated pages", mib, tp, &skip);
+    // Again on memory that was scanned before (every page populated, zero or not):
+    // one untimed warm-up write populates it.
+    let warm = fresh(files, "base");
+    write_full(&warm, &mem.regions(None), &wo).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_file(&warm);
     let mut full = Vec::new();
     let mut base: Option<LayerInfo> = None;
     for _ in 0..o.runs {
@@ -260,7 +336,7 @@ fn bench_size(o: &Opts, mib: u64, rows: &mut Vec<Row>, files: &mut Cleanup) -> R
         }
     }
     let base = base.ok_or("no runs")?;
-    summary(rows, "write full layer", mib, base.present_pages, &full);
+    summary(rows, "write full layer, memory scanned before", mib, base.present_pages, &full);
 
     for (gen, dirty) in [(2u64, 16usize), (3, 1024), (4, touched)] {
         let mut s = Vec::new();

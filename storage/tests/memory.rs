@@ -597,6 +597,65 @@ fn zero_pages_are_holes_and_layers_are_sparse() {
     g.assert_same(restore_mmap(&chain, &MmapOptions::default()).unwrap().regions());
 }
 
+/// Whether the host page at `addr` is present or swapped, per /proc/self/pagemap.
+fn populated(addr: usize) -> bool {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open("/proc/self/pagemap").unwrap();
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, (addr / PS * 8) as u64).unwrap();
+    u64::from_le_bytes(b) >> 62 != 0
+}
+
+#[test]
+fn full_layers_of_anonymous_memory_skip_unpopulated_pages_without_reading_them() {
+    const PAGES: usize = 4096; // 16 MiB
+                               // SAFETY: a fresh private anonymous mapping; unmapped at the end of the test.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            PAGES * PS,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    // No huge pages: a huge page would populate neighbours of a written page.
+    // SAFETY: advice on our own mapping.
+    unsafe { libc::madvise(p, PAGES * PS, libc::MADV_NOHUGEPAGE) };
+    // SAFETY: the mapping is PAGES * PS bytes, readable and writable, and only this
+    // test uses it.
+    let mem = unsafe { std::slice::from_raw_parts_mut(p.cast::<u8>(), PAGES * PS) };
+    for page in [1usize, 2, 700, 4095] {
+        mem[page * PS + 17] = page as u8 | 1;
+    }
+    // Written, then discarded: reads as zero again.
+    mem[900 * PS] = 9;
+    // SAFETY: drops one page of our own private mapping; no reference into it is used
+    // across the call except `mem`, whose content there is then zero, as expected.
+    let r = unsafe { libc::madvise(p.cast::<u8>().add(900 * PS).cast(), PS, libc::MADV_DONTNEED) };
+    assert_eq!(r, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let regions = [RegionMemory { gpa: 0, mem, dirty: None }];
+    let skip = WriteOptions { fsync: false, skip_unpopulated: true, ..WriteOptions::default() };
+    let a = write_full(dir.path().join("a.mlayer"), &regions, &skip).unwrap();
+    assert_eq!(a.present_pages, 4);
+    assert!(!populated(p as usize + 3000 * PS), "skipped pages were not read");
+    let all = WriteOptions { fsync: false, ..WriteOptions::default() };
+    let b = write_full(dir.path().join("b.mlayer"), &regions, &all).unwrap();
+    assert_eq!(b.present_pages, 4);
+    let (ca, cb) = (Chain::open(&[&a.path]).unwrap(), Chain::open(&[&b.path]).unwrap());
+    assert_eq!(ca.segments(), cb.segments());
+    let ma = restore_mmap(&ca, &MmapOptions::default()).unwrap();
+    let ra = ma.regions()[0];
+    // SAFETY: the restored region is mapped and `len` bytes long while `ma` lives.
+    let got = unsafe { std::slice::from_raw_parts(ra.as_ptr(), ra.len) };
+    assert!(got == &mem[..], "restored memory differs");
+    // SAFETY: unmaps the test's own mapping; `mem` and `regions` are not used after.
+    unsafe { libc::munmap(p, PAGES * PS) };
+}
+
 #[test]
 fn a_failed_write_leaves_neither_a_layer_nor_a_temporary_file() {
     let dir = tempfile::tempdir().unwrap();

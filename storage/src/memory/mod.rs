@@ -17,6 +17,10 @@
 //! let regions = [RegionMemory { gpa: 0, mem: low_slice, dirty: Some(&bitmap0) }, ...];
 //! let d1 = write_diff(dir.join("0001.mlayer"), &base, &regions, &WriteOptions::default())?;
 //! ```
+//! For the first full layer of a freshly booted guest whose RAM is private anonymous
+//! memory, set `WriteOptions::skip_unpopulated`: never-touched pages are skipped by
+//! `/proc/self/pagemap` instead of being read (4 GiB: ~1 s → ~22 ms here). Never set
+//! it for restored memory (file-backed or uffd-served).
 //! Files are written to a temporary name, fsynced (unless `WriteOptions::fsync` is
 //! false; then [`sync_layer`] can make it durable later, e.g. after a fork resumed
 //! the parent) and renamed into place. Full layers skip zero pages; diff layers write the

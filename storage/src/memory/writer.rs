@@ -31,12 +31,68 @@ pub struct WriteOptions {
     pub id: Option<LayerId>,
     /// Page size (default: the host's).
     pub page_size: Option<u32>,
+    /// Full layers: skip, without reading them, the pages that `/proc/self/pagemap`
+    /// reports neither present nor swapped (default false). Reading never-touched
+    /// memory faults every page in (slow, ~1.4 µs per page in the nested VMs here).
+    /// Set it only when every region is private anonymous memory (`MAP_PRIVATE |
+    /// MAP_ANONYMOUS`, THP included) that is not registered with a userfaultfd: there,
+    /// an unpopulated page reads as zero. Wrong for file-backed, memfd/shmem or
+    /// uffd-served memory (a restored guest's), where it would drop data. Ignored
+    /// when the layer's page size is not the host's.
+    pub skip_unpopulated: bool,
 }
 
 impl Default for WriteOptions {
     fn default() -> Self {
-        Self { fsync: true, id: None, page_size: None }
+        Self { fsync: true, id: None, page_size: None, skip_unpopulated: false }
     }
+}
+
+/// Host pages read from /proc/self/pagemap per step.
+const PAGEMAP_CHUNK: usize = 1 << 16;
+
+/// Pushes (via `push`) the non-zero pages of `mem`, whose first page is memory page
+/// `first`, skipping unpopulated pages when `pagemap` is given (see
+/// [`WriteOptions::skip_unpopulated`]).
+fn scan_full(
+    mem: &[u8],
+    ps: usize,
+    first: u64,
+    pagemap: Option<&File>,
+    push: &mut dyn FnMut(u64),
+) -> Result<(), LayerError> {
+    let addr = mem.as_ptr() as usize;
+    let Some(pm) = pagemap.filter(|_| addr.is_multiple_of(ps)) else {
+        for (i, pg) in mem.chunks_exact(ps).enumerate() {
+            if !is_zero(pg) {
+                push(first + i as u64);
+            }
+        }
+        return Ok(());
+    };
+    let pages = mem.len() / ps;
+    let mut entries = vec![0u8; PAGEMAP_CHUNK * 8];
+    let mut i = 0;
+    while i < pages {
+        let n = (pages - i).min(PAGEMAP_CHUNK);
+        let off = ((addr / ps + i) * 8) as u64;
+        pm.read_exact_at(&mut entries[..n * 8], off)
+            .map_err(|e| LayerError::io("read", "/proc/self/pagemap", e))?;
+        for (j, e) in entries[..n * 8].chunks_exact(8).enumerate() {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(e);
+            // Bit 63: present, bit 62: swapped.
+            if u64::from_le_bytes(b) >> 62 == 0 {
+                continue;
+            }
+            let p = i + j;
+            if !is_zero(&mem[p * ps..(p + 1) * ps]) {
+                push(first + p as u64);
+            }
+        }
+        i += n;
+    }
+    Ok(())
 }
 
 /// Largest single pwrite.
@@ -106,6 +162,16 @@ fn write_layer(
         }
     }
     let ps = page_size as usize;
+    let pagemap =
+        if opts.skip_unpopulated && kind == LayerKind::Full && page_size == super::host_page_size()
+        {
+            Some(
+                File::open("/proc/self/pagemap")
+                    .map_err(|e| LayerError::io("open", "/proc/self/pagemap", e))?,
+            )
+        } else {
+            None
+        };
     // Gather runs first (the data offset depends on the run count).
     let mut runs: Vec<Run> = Vec::new();
     let mut first = 0u64;
@@ -116,13 +182,7 @@ fn write_layer(
             _ => runs.push(Run { start: page, count: 1 }),
         };
         match kind {
-            LayerKind::Full => {
-                for (i, pg) in r.mem.chunks_exact(ps).enumerate() {
-                    if !is_zero(pg) {
-                        push(first + i as u64);
-                    }
-                }
-            }
+            LayerKind::Full => scan_full(r.mem, ps, first, pagemap.as_ref(), &mut push)?,
             LayerKind::Diff => {
                 let bm = r.dirty.ok_or_else(|| {
                     LayerError::Input(format!("region at {:#x} has no dirty bitmap", r.gpa))
