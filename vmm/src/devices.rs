@@ -160,6 +160,7 @@ pub struct PortBus {
     generation: AtomicU32,
     /// Time of the first boot-timer write (ms since start), for tests and benches.
     pub boot_timer_log: Mutex<Option<f64>>,
+    first_output: AtomicBool,
 }
 
 impl PortBus {
@@ -174,6 +175,7 @@ impl PortBus {
             identity: AtomicU32::new(identity),
             generation: AtomicU32::new(0),
             boot_timer_log: Mutex::new(None),
+            first_output: AtomicBool::new(false),
         }
     }
 
@@ -207,6 +209,9 @@ impl PortBus {
         match port {
             COM1..=0x3ff => {
                 let off = u8::try_from(port - COM1).unwrap_or(0);
+                if off == 0 && !self.first_output.swap(true, Ordering::Relaxed) {
+                    crate::timing::mark("first guest serial output");
+                }
                 // A failed interrupt injection cannot be reported to the guest; output goes on.
                 let _ = lock(&self.serial).write(off, b);
             }

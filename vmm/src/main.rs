@@ -89,6 +89,7 @@ fn standby(args: &[String]) -> ExitCode {
             }
         };
         let t = std::time::Instant::now();
+        grove_vmm::timing::mark("restore request");
         let cfg = RestoreConfig {
             dir: snapshot,
             mem_mode: cli::MemMode::Mmap,
