@@ -64,7 +64,7 @@ impl RamRegion {
 
 /// Splits `size` bytes of RAM around the 32-bit MMIO gap `[3 GiB, 4 GiB)`.
 pub fn ram_regions(size: u64) -> Result<Vec<RamRegion>, MemoryError> {
-    if size == 0 || size % PAGE_SIZE != 0 {
+    if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
         return Err(MemoryError::BadSize(size));
     }
     let low = size.min(MMIO_GAP_START);
