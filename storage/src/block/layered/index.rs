@@ -293,10 +293,29 @@ pub struct Bitmap {
 
 impl Bitmap {
     /// All chunks unowned.
+    ///
+    /// O(1) in practice: the words come from a zeroed allocation (fresh pages from
+    /// mmap for large bitmaps) and are not touched here, so making the top layer of
+    /// a 20 GiB disk costs no page faults until chunks are written.
     pub fn new(chunks: u64) -> Self {
+        const _: () = assert!(
+            std::mem::size_of::<u64>() == std::mem::size_of::<AtomicU64>()
+                && std::mem::align_of::<u64>() == std::mem::align_of::<AtomicU64>()
+        );
         let n = usize::try_from(chunks.div_ceil(64)).expect("bitmap fits in memory");
-        let mut words = Vec::with_capacity(n);
-        words.resize_with(n, || AtomicU64::new(0));
+        let mut zeroed = std::mem::ManuallyDrop::new(vec![0u64; n]);
+        // SAFETY: AtomicU64 has the same size and bit validity as u64 and, as the
+        // assertion above checks, the same alignment here; so the allocation of
+        // `zeroed` (length and capacity unchanged, all words initialised to 0) is a
+        // valid Vec<AtomicU64>. Ownership moves to the new Vec; `zeroed` is never
+        // used or dropped again (ManuallyDrop).
+        let words = unsafe {
+            Vec::from_raw_parts(
+                zeroed.as_mut_ptr().cast::<AtomicU64>(),
+                zeroed.len(),
+                zeroed.capacity(),
+            )
+        };
         Self { words, chunks }
     }
 
