@@ -236,6 +236,7 @@ impl Vm {
         fsync: bool,
     ) -> Result<SnapshotReport, SnapshotError> {
         let t = Instant::now();
+        self.check_memory()?;
         if kind == SnapshotKind::Diff && self.head.is_none() {
             return Err(SnapshotError::NoBase);
         }
@@ -263,6 +264,7 @@ impl Vm {
     /// Fork: snapshot for children with a pause bounded by the dirty set.
     pub fn fork(&mut self, dir: &Path) -> Result<SnapshotReport, SnapshotError> {
         let t = Instant::now();
+        self.check_memory()?;
         let dir = prepare_dir(dir)?;
         let mut pages = 0;
         if self.head.is_none() {
@@ -295,6 +297,18 @@ impl Vm {
         let path = WorkingSet::default_path(head);
         uffd.working_set().save(&path)?;
         Ok(path.display().to_string())
+    }
+
+    /// Refuses to read guest memory whose page server has failed (it is inaccessible; the
+    /// VM is about to end with the page server's error anyway).
+    fn check_memory(&self) -> Result<(), SnapshotError> {
+        match self.page_server_failure() {
+            Some(e) => Err(SnapshotError::Dir {
+                path: String::new(),
+                why: format!("guest memory unavailable: page server failed: {e}"),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// The page server's failure, if the memory is served by one and it failed.

@@ -650,9 +650,10 @@ fn a_failed_page_server_fails_the_vm() {
         return;
     }
     let d = tmp();
-    let touch = 128;
+    // 256 MiB to serve (4096 faults of 16 pages) leaves a wide window for the cut below.
+    let touch = 256;
     let mut p =
-        Vmm::boot(&format!("tg.mode=busy tg.touch_mib={touch}"), 256, &d.path().join("p.sock"));
+        Vmm::boot(&format!("tg.mode=busy tg.touch_mib={touch}"), 512, &d.path().join("p.sock"));
     p.wait_for("READY", |s| s.contains("READY"));
     let snap = d.path().join("s");
     p.api().snapshot("full", &snap);
