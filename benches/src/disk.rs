@@ -38,6 +38,9 @@ struct Conditions {
     io: &'static str,
     /// 4 KiB pwrite + fdatasync on the same filesystem, measured in this run.
     fdatasync_4k: Summary,
+    /// /proc/loadavg before and after (the host is shared).
+    loadavg_before: String,
+    loadavg_after: String,
 }
 
 #[derive(Serialize)]
@@ -115,6 +118,10 @@ fn fs_type(dir: &Path) -> String {
     out.ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_else(|| "unknown".into())
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
 fn kernel() -> String {
@@ -360,6 +367,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     if runs == 0 || mib == 0 {
         return Err("--runs and --mib must be positive".into());
     }
+    let load_before = loadavg();
     let scratch = Scratch::new(&parent)?;
     let dir = &scratch.0;
     let fsync = fdatasync_latency(dir, runs)?;
@@ -367,7 +375,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     for gib in [1, 20] {
         snapshot_clone_v.push(snapshot_clone(dir, gib, runs)?);
     }
-    let tp_runs = runs.clamp(1, 5);
+    let tp_runs = runs.clamp(1, 7);
     let throughput_v = throughput(dir, mib << 20, tp_runs)?;
     let mut chain_v = Vec::new();
     for depth in [1, 10, 50] {
@@ -384,6 +392,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
             runs,
             io: "buffered (page cache), one thread, flush at the end of each pass",
             fdatasync_4k: fsync,
+            loadavg_before: load_before,
+            loadavg_after: loadavg(),
         },
         snapshot_clone: snapshot_clone_v,
         throughput_depth1: throughput_v,
@@ -399,6 +409,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         c.dir, c.filesystem, c.kernel, c.cpus, c.chunk_size, c.working_set_mib, c.io
     );
     println!("  fdatasync 4 KiB here:              {}", c.fdatasync_4k);
+    println!("  loadavg before / after:            {} / {}", c.loadavg_before, c.loadavg_after);
     for s in &report.snapshot_clone {
         println!("  {:>2} GiB sparse  snapshot:          {}", s.disk_gib, s.snapshot);
         println!("  {:>2} GiB sparse  clone:             {}", s.disk_gib, s.clone);
