@@ -73,6 +73,19 @@ fn spares_are_used_and_survive_restart() {
     let c = s.clone_disk(snap).unwrap();
     assert_eq!(s.spares(size), 0);
     assert_eq!(read(&c, 0, 8192), [vec![3; 4096], vec![0; 4096]].concat());
+    // A released spare leaves the pool.
+    s.prepare_spares(size, 1).unwrap();
+    let spare = s
+        .catalog()
+        .layers()
+        .unwrap()
+        .into_iter()
+        .find(|r| r.kind == grove_storage::catalog::LayerKind::Spare)
+        .unwrap();
+    s.release(spare.id).unwrap();
+    assert_eq!(s.spares(size), 0);
+    assert!(!dir.path().join(format!("layers/L{}.idx", spare.id)).exists());
+    drop(s.clone_disk(snap).unwrap());
     // Layers made from spares are ordinary layers after a restart.
     let cl = c.layer();
     drop((c, d, s));

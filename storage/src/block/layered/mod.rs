@@ -314,6 +314,11 @@ impl Inner {
         let mut first = true;
         for r in recs {
             lock(&self.cache).remove(&r.id);
+            if r.kind == LayerKind::Spare {
+                if let Some(v) = lock(&self.spares).get_mut(&r.size) {
+                    v.retain(|&id| id != r.id);
+                }
+            }
             for f in &r.files {
                 match std::fs::remove_file(self.path(f)) {
                     Ok(()) => {}
