@@ -356,6 +356,8 @@ fn restore_memory(
         }
         MemMode::Uffd => {
             let ws_path = WorkingSet::default_path(&chain.head().path);
+            // A working set recorded for another chain head is refused by the page server;
+            // an unreadable one means no prefetch.
             let prefetch = match WorkingSet::load(&ws_path) {
                 Ok(ws) => Prefetch::BeforeStart(ws),
                 Err(_) => Prefetch::None,
@@ -583,7 +585,17 @@ pub fn restore(cfg: &RestoreConfig) -> Result<Vm, SnapshotError> {
     let mut vm = Vm::assemble(kvm, fd, ram, Arc::new(bus), cpuids, fingerprint, serial_irq);
     vm.dirty_logging = cfg.dirty_logging;
     vm.layers = state.layers.iter().map(PathBuf::from).collect();
+    let ws_path = WorkingSet::default_path(&head.path);
     vm.head = Some(head);
+    if cfg.mem_mode == MemMode::Uffd && !ws_path.exists() {
+        // First uffd restore of this snapshot: record what the guest touches in its first
+        // AUTO_WORKING_SET, for later restores to prefetch.
+        vm.auto_working_set = Some(Instant::now() + AUTO_WORKING_SET);
+    }
     vm.start_vcpus(vcpu_fds, false)?;
     Ok(vm)
 }
+
+/// How long after a first uffd restore the first-touch order is saved as the snapshot's
+/// working set.
+pub const AUTO_WORKING_SET: std::time::Duration = std::time::Duration::from_millis(500);

@@ -133,6 +133,8 @@ pub struct Vm {
     pub layers: Vec<std::path::PathBuf>,
     /// Head of the chain.
     pub(crate) head: Option<grove_storage::memory::LayerInfo>,
+    /// uffd restores without a recorded working set: when to save the first-touch order.
+    pub(crate) auto_working_set: Option<std::time::Instant>,
 }
 
 /// Opens KVM and creates the VM with its irqchip and PIT.
@@ -282,6 +284,7 @@ impl Vm {
             msr_list: None,
             layers: Vec::new(),
             head: None,
+            auto_working_set: None,
         }
     }
 
@@ -390,7 +393,26 @@ impl Vm {
     /// Serves control requests until a vCPU ends the VM.
     pub fn run_until_exit(&mut self) -> VmExit {
         loop {
-            match self.events.recv() {
+            let ev = match self.auto_working_set {
+                Some(at) => {
+                    let left = at.saturating_duration_since(std::time::Instant::now());
+                    match self.events.recv_timeout(left) {
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                            // Best effort: a read-only snapshot directory just means no
+                            // prefetch next time.
+                            self.auto_working_set = None;
+                            let _ = self.save_working_set();
+                            continue;
+                        }
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                            Err(std::sync::mpsc::RecvError)
+                        }
+                        Ok(ev) => Ok(ev),
+                    }
+                }
+                None => self.events.recv(),
+            };
+            match ev {
                 Ok(VcpuEvent::Exit(e)) => return e,
                 Ok(VcpuEvent::Api(call)) => {
                     let reply = crate::api::handle(self, call.req);

@@ -723,3 +723,39 @@ fn standby_vmm_restores_a_fork() {
     api.snapshot("diff", &snap);
     assert_eq!(first_words(&snap, REGION_START, 1)[0], pattern(REGION_START, 9));
 }
+
+#[test]
+fn uffd_restore_records_then_prefetches_a_working_set() {
+    if !kvm_available() {
+        return;
+    }
+    let d = tmp();
+    let touch = 4;
+    let parent = fork_parent(d.path(), touch);
+    let snap = d.path().join("s");
+    parent.api().snapshot("full", &snap);
+    drop(parent);
+    let head = PathBuf::from(persist::read_state(&snap).unwrap().layers.pop().unwrap());
+    let ws = PathBuf::from(format!("{}.ws", head.display()));
+    assert!(!ws.exists());
+    let mut first = Vmm::restore(&snap, "uffd", 3, None);
+    let want = id_line(3, touch);
+    first.wait_for(&want, |s| s.contains(&want));
+    // Saved by the VMM shortly after the restore (no request needed).
+    let t = Instant::now();
+    while !ws.exists() {
+        assert!(t.elapsed() < DEADLINE, "no working set at {}\n{}", ws.display(), first.dump());
+        thread::sleep(Duration::from_millis(10));
+    }
+    let saved = grove_storage::memory::WorkingSet::load(&ws).expect("a valid working set");
+    assert!(!saved.pages.is_empty(), "the guest touched pages after the restore");
+    drop(first);
+    // The next restore prefetches it and runs the same.
+    let mut second = Vmm::restore(&snap, "uffd", 4, Some(&d.path().join("2.sock")));
+    let want = id_line(4, touch);
+    second.wait_for(&want, |s| s.contains(&want));
+    second.wait_ts(20);
+    // An explicit save works too.
+    let v = second.api().call(&json!({"cmd": "save-working-set"}));
+    assert_eq!(v["path"], json!(ws.display().to_string()), "{v}");
+}
