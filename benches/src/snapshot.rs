@@ -268,6 +268,38 @@ fn touch(regions: &[RestoredRegion], pages: usize) -> u64 {
     sum
 }
 
+/// Resident and anonymous (private copies, not page cache) KiB of the mappings
+/// inside `regions`, from /proc/self/smaps: the anonymous part is what a restored
+/// guest costs beyond the page cache it shares with its siblings.
+fn resident_kib(regions: &[RestoredRegion]) -> (u64, u64) {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+    let (mut rss, mut private, mut inside) = (0u64, 0u64, false);
+    for line in smaps.lines() {
+        let mut f = line.split_whitespace();
+        let first = f.next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-').filter(|_| !first.ends_with(':')) {
+            let (a, b) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16));
+            inside = match (a, b) {
+                (Ok(a), Ok(b)) => {
+                    regions.iter().any(|r| a >= r.host_addr && b <= r.host_addr + r.len)
+                }
+                _ => false,
+            };
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        let kb = f.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        match first {
+            "Rss:" => rss += kb,
+            "Anonymous:" => private += kb,
+            _ => {}
+        }
+    }
+    (rss, private)
+}
+
 /// Removes the bench's files even on error.
 struct Cleanup(Vec<PathBuf>);
 
@@ -380,6 +412,7 @@ fn bench_restore(
 ) -> Result<(), String> {
     let sfx = format!("[base + {diff_pages}-page diff]");
     let (mut open, mut call, mut first) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut rss, mut private) = (Vec::new(), Vec::new());
     let mut mappings = 0;
     for _ in 0..o.runs {
         let t0 = Instant::now();
@@ -391,17 +424,28 @@ fn bench_restore(
         touch(m.regions(), touched);
         first.push(ms(t0));
         mappings = m.plan().mappings;
+        let (r, p) = resident_kib(m.regions());
+        rss.push(r as f64);
+        private.push(p as f64);
     }
     let wp = touched as u64;
     summary(rows, &format!("open chain {sfx}"), mib, 0, &open);
     summary(rows, &format!("mmap restore call ({mappings} VMAs) {sfx}"), mib, 0, &call);
     summary(rows, &format!("mmap open+restore+touch working set {sfx}"), mib, wp, &first);
+    let mut kib = |what: &str, v: &[f64]| {
+        if let Some(summary) = Summary::of("KiB", v) {
+            rows.push(Row { what: format!("{what} {sfx}"), mem_mib: mib, pages: wp, summary });
+        }
+    };
+    kib("mmap restore after reading the working set: resident", &rss);
+    kib("mmap restore after reading the working set: anonymous (not page cache)", &private);
 
     let modes: [(&str, u8); 3] = [
         ("uffd open+restore+touch working set (no prefetch)", 0),
         ("uffd open+restore+touch working set (prefetch before start)", 1),
         ("uffd open+restore+touch working set (background prefetch)", 2),
     ];
+    let mut uffd_anon = Vec::new();
     for (what, mode) in modes {
         let what = format!("{what} {sfx}");
         let (mut start, mut total) = (Vec::new(), Vec::new());
@@ -421,6 +465,7 @@ fn bench_restore(
             total.push(ms(t));
             if mode == 0 {
                 u.save_working_set(ws_path).map_err(|e| e.to_string())?;
+                uffd_anon.push(resident_kib(u.regions()).1 as f64);
             }
             if let Some(f) = u.failure() {
                 return Err(format!("page server failed: {f}"));
@@ -428,6 +473,10 @@ fn bench_restore(
         }
         summary(rows, &format!("{what}: open+start"), mib, wp, &start);
         summary(rows, &what, mib, wp, &total);
+    }
+    if let Some(summary) = Summary::of("KiB", &uffd_anon) {
+        let what = format!("uffd restore after reading the working set: anonymous {sfx}");
+        rows.push(Row { what, mem_mib: mib, pages: wp, summary });
     }
     Ok(())
 }
