@@ -342,6 +342,9 @@ impl Vm {
             v.cmds.send(VcpuCmd::Pause(ack_tx.clone())).map_err(|_| VcpuError::Gone(v.index))?;
             v.kick();
         }
+        // Only the vCPU threads hold senders now: a thread that died (its queued Pause
+        // dropped with it) makes recv fail instead of waiting forever.
+        drop(ack_tx);
         for v in &self.vcpus {
             ack_rx.recv().map_err(|_| VcpuError::Gone(v.index))?;
         }
