@@ -15,7 +15,7 @@
 //! (Closing the uffd instead would not do: the kernel then fills missing pages
 //! with zeros, silently.)
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -168,6 +168,9 @@ struct Server {
     buf: Vec<u8>,
     prefetch: Vec<u64>,
     prefetch_pos: usize,
+    /// Background prefetch: position of each working-set page in `prefetch`, so a
+    /// fault inside the working set moves prefetching ahead of the guest.
+    ws_index: HashMap<u64, usize>,
 }
 
 fn uffd_err(op: &'static str) -> impl Fn(userfaultfd::Error) -> PageServerError {
@@ -374,7 +377,24 @@ impl Server {
         }
         let (n, data) = self.cluster_at(page, self.cluster);
         self.sh.state().touched.extend(page..page + n);
-        self.populate(page, n, data)
+        self.populate(page, n, data)?;
+        self.follow(page);
+        Ok(())
+    }
+
+    /// The guest faulted on working-set page `page`: continue prefetching after it,
+    /// so prefetching runs ahead of the guest instead of racing it over the same
+    /// pages; the entries jumped over are moved to the end of the list.
+    fn follow(&mut self, page: u64) {
+        let Some(&k) = self.ws_index.get(&page) else {
+            return;
+        };
+        if k < self.prefetch_pos || k >= self.prefetch.len() {
+            return;
+        }
+        let skipped: Vec<u64> = self.prefetch[self.prefetch_pos..k].to_vec();
+        self.prefetch_pos = k + 1;
+        self.prefetch.extend(skipped);
     }
 
     /// Prefetches the next batch of the working set; false when done.
@@ -498,6 +518,12 @@ impl UffdMemory {
             cluster: opts.cluster_pages.clamp(1, 512),
             populated: vec![0; mem_pages.div_ceil(64)],
             buf: Vec::new(),
+            ws_index: match (&opts.prefetch, &ws) {
+                (Prefetch::Background(_), Some(pages)) => {
+                    pages.iter().enumerate().map(|(i, &p)| (p, i)).collect()
+                }
+                _ => HashMap::new(),
+            },
             prefetch: ws.unwrap_or_default(),
             prefetch_pos: 0,
         };
