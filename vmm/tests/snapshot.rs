@@ -504,6 +504,8 @@ fn dirty_tracking_matches_the_round_robin_model() {
     let mut last = w;
     for i in 1..=12 {
         thread::sleep(Duration::from_micros(rng.next() % 30_000));
+        // Two new Ts: at least one burst of writes ran since the last snapshot.
+        vm.wait_ts(2);
         let dir = d.path().join(format!("s{i}"));
         let kind = if i % 4 == 0 { "full" } else { "diff" };
         if i % 5 == 0 {
