@@ -289,8 +289,25 @@ fn unwrap_tx<T>(r: Result<T, TransactionError<CatalogError>>) -> Result<T, Catal
 
 impl Catalog {
     /// Opens (or creates) the catalog at `path`.
+    ///
+    /// sled locks the database file; a catalog dropped just before may still hold
+    /// the lock for a moment (sled's I/O threads drop their references
+    /// asynchronously), so a lock conflict is retried for up to 5 s before it is
+    /// reported.
     pub fn open(path: &Path) -> Result<Self, CatalogError> {
-        let db = sled::Config::new().path(path).open()?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let db = loop {
+            match sled::Config::new().path(path).open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         Ok(Self {
             layers: db.open_tree("layers")?,
             snapshots: db.open_tree("snapshots")?,
