@@ -40,6 +40,39 @@ pub enum ApiError {
         #[source]
         source: std::io::Error,
     },
+    /// A client could not reach the socket or read its reply.
+    #[error("control socket {path}")]
+    Client {
+        /// The path.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The reply was not one JSON line.
+    #[error("control socket {path} replied with something that is not JSON: {reply:?}")]
+    BadReply {
+        /// The path.
+        path: String,
+        /// What came back (at most the first 200 bytes).
+        reply: String,
+    },
+}
+
+/// Client side: sends one request line to the control socket at `path` and returns the
+/// reply. The request is checked with the same parser the VMM uses before it is sent.
+pub fn call(path: &str, request: &str) -> Result<Value, ApiError> {
+    let client = |source| ApiError::Client { path: path.to_string(), source };
+    let mut conn = UnixStream::connect(path).map_err(client)?;
+    let mut line = request.trim().to_string();
+    line.push('\n');
+    conn.write_all(line.as_bytes()).map_err(client)?;
+    let mut reply = String::new();
+    BufReader::new(conn).take(MAX_LINE + 1).read_line(&mut reply).map_err(client)?;
+    serde_json::from_str(reply.trim()).map_err(|_| ApiError::BadReply {
+        path: path.to_string(),
+        reply: reply.chars().take(200).collect(),
+    })
 }
 
 /// Snapshot kind as written in requests.
@@ -228,6 +261,32 @@ mod tests {
         );
         assert_eq!(parse(r#"{"cmd":"fork","dir":"/f"}"#), Ok(Request::Fork { dir: "/f".into() }));
         assert_eq!(parse(r#"{"cmd":"save-working-set"}"#), Ok(Request::SaveWorkingSet {}));
+    }
+
+    #[test]
+    fn client_round_trip_over_a_socket() {
+        let dir = std::env::temp_dir().join(format!("grove-api-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("api.sock");
+        let sock = sock.to_str().unwrap().to_string();
+        let (tx, rx) = channel();
+        start(&sock, tx).unwrap();
+        // Stand in for the VMM thread: answer every request with its command echoed.
+        std::thread::spawn(move || {
+            while let Ok(VcpuEvent::Api(c)) = rx.recv() {
+                let _ = c.reply.send(json!({"ok": true, "echo": format!("{:?}", c.req)}));
+            }
+        });
+        let ok = call(&sock, r#"{"cmd":"status"}"#).unwrap();
+        assert_eq!(ok["ok"], true);
+        assert!(ok["echo"].as_str().unwrap().contains("Status"));
+        let bad = call(&sock, r#"{"cmd":"explode"}"#).unwrap();
+        assert_eq!(bad["ok"], false);
+        assert!(matches!(
+            call(dir.join("nope.sock").to_str().unwrap(), "{}"),
+            Err(ApiError::Client { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub const USAGE: &str = "usage:
   grove-vmm restore --snapshot DIR [--mem-mode mmap|uffd] [--api-sock PATH] [--identity N]
                 [--serial stdout|PATH]
   grove-vmm standby --api-sock PATH [--vcpus N] [--mem-mib N] [--serial stdout|PATH]
+  grove-vmm api --api-sock PATH JSON     (one control request; the reply on stdout)
   grove-vmm check-host [--json]";
 
 /// Errors in the arguments.

@@ -119,6 +119,26 @@ fn standby(args: &[String]) -> ExitCode {
     }
 }
 
+/// `grove-vmm api --api-sock PATH JSON`: one control request, its reply on stdout;
+/// status 0 when the reply says `"ok":true`.
+fn api_client(args: &[String]) -> ExitCode {
+    let (sock, req) = match args {
+        [flag, sock, req] if flag == "--api-sock" => (sock, req),
+        _ => return fail("usage: grove-vmm api --api-sock PATH '{\"cmd\":\"status\"}'"),
+    };
+    match api::call(sock, req) {
+        Ok(reply) => {
+            println!("{reply}");
+            if reply["ok"] == true {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => fail(&one_line(&e)),
+    }
+}
+
 fn main() -> ExitCode {
     grove_vmm::timing::init();
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -126,6 +146,7 @@ fn main() -> ExitCode {
         Some("run") => run(&args[1..]),
         Some("restore") => restore(&args[1..]),
         Some("standby") => standby(&args[1..]),
+        Some("api") => api_client(&args[1..]),
         Some("check-host") => {
             let code = grove_vmm::hostcheck::main(&args[1..]);
             ExitCode::from(u8::try_from(code).unwrap_or(1))
@@ -135,7 +156,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(other) => fail(&format!(
-            "unknown command {other:?} (commands: run, restore, standby, check-host)"
+            "unknown command {other:?} (commands: run, restore, standby, api, check-host)"
         )),
         None => {
             eprintln!("{}", cli::USAGE);
