@@ -458,7 +458,7 @@ fn ram_region_kib(mem_mib: u64) -> Vec<u64> {
     v
 }
 
-fn parse_kib(v: &str) -> Option<u64> {
+pub(crate) fn parse_kib(v: &str) -> Option<u64> {
     v.trim().trim_end_matches("kB").trim().parse().ok()
 }
 
@@ -506,7 +506,7 @@ fn path_str(p: &Path) -> Result<&str, String> {
 }
 
 /// `$GROVE_VMM`, else `grove-vmm` beside this executable.
-fn vmm_path() -> Result<PathBuf, String> {
+pub(crate) fn vmm_path() -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os("GROVE_VMM").filter(|p| !p.is_empty()) {
         return Ok(PathBuf::from(p));
     }
@@ -523,7 +523,7 @@ fn vmm_path() -> Result<PathBuf, String> {
 }
 
 /// `$GROVE_TESTGUEST`, else the last line of scripts/build-testguest.sh.
-fn guest_path() -> Result<PathBuf, String> {
+pub(crate) fn guest_path() -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os("GROVE_TESTGUEST").filter(|p| !p.is_empty()) {
         return Ok(PathBuf::from(p));
     }
@@ -541,7 +541,7 @@ fn guest_path() -> Result<PathBuf, String> {
 }
 
 /// Which KVM module is loaded, and what it means.
-fn kvm_kind() -> String {
+pub(crate) fn kvm_kind() -> String {
     let loaded = |m: &str| Path::new("/sys/module").join(m).exists();
     if loaded("kvm_pvm") {
         "kvm_pvm (nested, paravirtual: CPL0 guest code emulated, CPL3 native)".into()
@@ -556,7 +556,7 @@ fn kvm_kind() -> String {
     }
 }
 
-fn cpu_model() -> String {
+pub(crate) fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -567,7 +567,7 @@ fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-fn read_trim(path: &str) -> String {
+pub(crate) fn read_trim(path: &str) -> String {
     std::fs::read_to_string(path).map_or_else(|_| "unknown".into(), |s| s.trim().to_string())
 }
 

@@ -9,6 +9,7 @@ mod boot;
 mod disk;
 mod snapshot;
 mod stats;
+mod vmm_driver;
 
 use std::process::ExitCode;
 

@@ -24,7 +24,8 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::thread;
+use std::time::{Duration, Instant};
 
 use grove_storage::memory::{
     restore_mmap, write_diff, write_full, Chain, LayerInfo, MmapOptions, Prefetch, RegionMemory,
@@ -33,6 +34,7 @@ use grove_storage::memory::{
 use serde::Serialize;
 
 use crate::stats::{flag, wants_json, Summary};
+use crate::vmm_driver as drv;
 
 const PAGE: usize = 4096;
 
@@ -481,11 +483,6 @@ fn bench_restore(
     Ok(())
 }
 
-/// `grove-bench snapshot`: storage-level layer writes and restores.
-pub fn run_snapshot(args: &[String]) -> Result<(), String> {
-    run_storage(args, true)
-}
-
 fn run_storage(args: &[String], print_all: bool) -> Result<(), String> {
     let o = parse(args)?;
     let cond = conditions(&o);
@@ -523,18 +520,709 @@ fn run_storage(args: &[String], print_all: bool) -> Result<(), String> {
 
 // ───────────────────────── VMM level ─────────────────────────
 
-/// `grove-bench restore`: restore to the guest's next `T` in both memory modes.
-/// `--storage-only` runs the storage-level restore measurements instead.
+/// `T`s read from a freshly booted guest before it is used.
+const BOOT_TS: usize = 20;
+/// Children above this count get a single run by default (each run starts that many
+/// spinning guests on the host's cores).
+const MANY_CHILDREN: usize = 32;
+
+/// One VMM-level series.
+#[derive(Serialize)]
+struct Step {
+    step: String,
+    #[serde(flatten)]
+    ms: Summary,
+}
+
+fn steps_of(samples: &[Vec<(String, f64)>]) -> Vec<Step> {
+    let mut acc: Vec<(String, Vec<f64>)> = Vec::new();
+    for s in samples {
+        for (what, v) in s {
+            match acc.iter_mut().find(|(k, _)| k == what) {
+                Some((_, vs)) => vs.push(*v),
+                None => acc.push((what.clone(), vec![*v])),
+            }
+        }
+    }
+    let mut out: Vec<Step> = acc
+        .into_iter()
+        .filter_map(|(step, v)| Some(Step { step, ms: Summary::of("ms", &v)? }))
+        .collect();
+    out.sort_by(|a, b| a.ms.median.total_cmp(&b.ms.median));
+    out
+}
+
+fn ms_of(s: &[f64]) -> Option<Summary> {
+    Summary::of("ms", s)
+}
+
+fn show(name: &str, s: Option<&Summary>) {
+    match s {
+        Some(s) => println!("    {name:<44} {s}"),
+        None => println!("    {name:<44} (not reported)"),
+    }
+}
+
+/// Boots the test guest with a control socket and waits for `READY` and some `T`s.
+fn boot_guest(
+    vmm: &Path,
+    guest: &Path,
+    cmdline: &str,
+    mem_mib: u64,
+    sock: PathBuf,
+) -> Result<drv::Vmm, String> {
+    let mem = mem_mib.to_string();
+    let args =
+        ["run", "--kernel", drv::s(guest)?, "--cmdline", cmdline, "--mem-mib", &mem, "--api-sock"];
+    let mut args = args.to_vec();
+    let sock_s = drv::s(&sock)?.to_string();
+    args.push(&sock_s);
+    let mut v = drv::Vmm::spawn(vmm, &args, Some(sock), BOOT_TS)?;
+    v.wait_ready(BOOT_TS)?;
+    Ok(v)
+}
+
+fn check_fit(mem_mib: u64, touch_mib: u64) -> Result<(), String> {
+    if touch_mib + 16 > mem_mib {
+        return Err(format!(
+            "touch {touch_mib} MiB does not fit: the region starts at 16 MiB of {mem_mib} MiB"
+        ));
+    }
+    Ok(())
+}
+
+// ── snapshot ──
+
+#[derive(Serialize)]
+struct SnapRow {
+    what: String,
+    mem_mib: u64,
+    guest: String,
+    /// Pages written into the snapshot's layer(s) (reply's `pages`).
+    pages: Option<Summary>,
+    /// vCPUs paused (reply's `pause_ms`).
+    pause_ms: Option<Summary>,
+    /// The VMM's whole operation (reply's `total_ms`).
+    vmm_total_ms: Option<Summary>,
+    /// Request sent → reply read, client side.
+    client_ms: Option<Summary>,
+}
+
+#[derive(Default)]
+struct SnapSamples {
+    pages: Vec<f64>,
+    pause: Vec<f64>,
+    total: Vec<f64>,
+    client: Vec<f64>,
+}
+
+impl SnapSamples {
+    fn take(&mut self, api: &mut drv::Api, kind: &str, dir: &Path) -> Result<(), String> {
+        let t = Instant::now();
+        let r = api.call(&serde_json::json!({"cmd": "snapshot", "kind": kind, "dir": dir}))?;
+        self.client.push(ms(t));
+        self.pause.push(drv::reply_f64(&r, "/snapshot/pause_ms")?);
+        self.total.push(drv::reply_f64(&r, "/snapshot/total_ms")?);
+        self.pages.push(drv::reply_f64(&r, "/snapshot/pages")?);
+        Ok(())
+    }
+
+    fn row(&self, what: String, mem_mib: u64, guest: &str) -> SnapRow {
+        SnapRow {
+            what,
+            mem_mib,
+            guest: guest.into(),
+            pages: Summary::of("pages", &self.pages),
+            pause_ms: ms_of(&self.pause),
+            vmm_total_ms: ms_of(&self.total),
+            client_ms: ms_of(&self.client),
+        }
+    }
+}
+
+/// `grove-bench snapshot`: full and diff snapshots of the running test guest through the
+/// control socket, per memory size and dirty set. `--storage-only`: the storage-level
+/// layer benchmarks instead.
+pub fn run_snapshot(args: &[String]) -> Result<(), String> {
+    if args.iter().any(|a| a == "--storage-only") {
+        return run_storage(args, true);
+    }
+    let json = wants_json(args);
+    let runs: usize = flag(args, "--runs")?.unwrap_or(5).max(1);
+    let touch_mib: u64 = flag(args, "--touch-mib")?.unwrap_or(64);
+    let sizes: Vec<u64> = match flag::<String>(args, "--sizes")? {
+        Some(v) => drv::parse_list(&v, "--sizes")?,
+        None => vec![256, 1024, 4096],
+    };
+    let gaps_ms: Vec<u64> = match flag::<String>(args, "--busy-gaps-ms")? {
+        Some(v) => drv::parse_list(&v, "--busy-gaps-ms")?,
+        None => vec![10, 100, 1000],
+    };
+    for &m in &sizes {
+        check_fit(m, touch_mib)?;
+    }
+    let (vmm, guest) = drv::binaries()?;
+    let mut cond = drv::Conditions::now(&vmm, &guest);
+    let mut rows = Vec::new();
+    let mut skipped = Vec::new();
+    for &mib in &sizes {
+        // Guest memory is reserved, not committed; still leave room for its touched part,
+        // the page cache of the layers and the other users of this host.
+        let avail = drv::mem_available_mib();
+        if avail < mib + 1024 {
+            skipped.push(format!("{mib} MiB: MemAvailable {avail} MiB < size + 1 GiB"));
+            continue;
+        }
+        if !json {
+            eprintln!("snapshot: {mib} MiB guest ...");
+        }
+        snapshot_size(&vmm, &guest, mib, touch_mib, runs, &gaps_ms, &mut rows)?;
+    }
+    cond.loadavg_end = drv::loadavg();
+    if json {
+        let doc = serde_json::json!({
+            "bench": "snapshot",
+            "conditions": cond,
+            "runs": runs,
+            "touch_mib": touch_mib,
+            "skipped": skipped,
+            "results": rows,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?);
+    } else {
+        println!("grove-bench snapshot: control-socket snapshots of the running test guest, {runs} runs, {touch_mib} MiB touched");
+        cond.print();
+        for s in &skipped {
+            println!("  skipped {s}");
+        }
+        for r in &rows {
+            println!("  {} MiB, {}: {}", r.mem_mib, r.guest, r.what);
+            show("pages written", r.pages.as_ref());
+            show("vCPUs paused (VMM)", r.pause_ms.as_ref());
+            show("whole snapshot (VMM)", r.vmm_total_ms.as_ref());
+            show("request -> reply (client)", r.client_ms.as_ref());
+        }
+        println!("  (the first full snapshot also turns dirty logging on; busy guests write one page per T, round robin)");
+    }
+    Ok(())
+}
+
+fn snapshot_size(
+    vmm: &Path,
+    guest: &Path,
+    mib: u64,
+    touch_mib: u64,
+    runs: usize,
+    gaps_ms: &[u64],
+    rows: &mut Vec<SnapRow>,
+) -> Result<(), String> {
+    let tmp = drv::TempDir::new("snapshot")?;
+    // Ready guest: after READY it writes only its few loop pages between snapshots.
+    let ready = format!("tg.mode=ready tg.touch_mib={touch_mib}");
+    {
+        let mut v = boot_guest(vmm, guest, &ready, mib, tmp.join("ready.sock"))?;
+        let mut api = v.api()?;
+        let mut first = SnapSamples::default();
+        first.take(&mut api, "full", &tmp.join("full-0"))?;
+        rows.push(first.row("first full snapshot (dirty logging turned on)".into(), mib, &ready));
+        let mut full = SnapSamples::default();
+        for i in 1..=runs {
+            full.take(&mut api, "full", &tmp.join(&format!("full-{i}")))?;
+            // The VM's chain now starts at full-i: the older one is unused.
+            let _ = std::fs::remove_dir_all(tmp.join(&format!("full-{}", i - 1)));
+        }
+        rows.push(full.row("full snapshot, again".into(), mib, &ready));
+        let mut diff = SnapSamples::default();
+        for i in 0..runs {
+            thread::sleep(Duration::from_millis(20));
+            diff.take(&mut api, "diff", &tmp.join(&format!("diff-{i}")))?;
+        }
+        rows.push(diff.row(
+            "diff snapshot 20 ms after the previous one (idle guest)".into(),
+            mib,
+            &ready,
+        ));
+    }
+    // Busy guest: one page written per T, so the dirty set grows with the gap.
+    let busy = format!("tg.mode=busy tg.touch_mib={touch_mib}");
+    let mut v = boot_guest(vmm, guest, &busy, mib, tmp.join("busy.sock"))?;
+    let mut api = v.api()?;
+    let mut base = SnapSamples::default();
+    base.take(&mut api, "full", &tmp.join("busy-full"))?;
+    rows.push(base.row("first full snapshot (dirty logging turned on)".into(), mib, &busy));
+    for &gap in gaps_ms {
+        let mut diff = SnapSamples::default();
+        for i in 0..runs {
+            thread::sleep(Duration::from_millis(gap));
+            diff.take(&mut api, "diff", &tmp.join(&format!("busy-{gap}-{i}")))?;
+        }
+        rows.push(diff.row(format!("diff snapshot {gap} ms after the previous one"), mib, &busy));
+    }
+    Ok(())
+}
+
+// ── restore ──
+
+#[derive(Serialize)]
+struct RestoreRow {
+    path: String,
+    mem_mode: &'static str,
+    /// From the restore call (process spawn / `restore` request sent) to the guest's first
+    /// `T` read by this process.
+    client_ms: Option<Summary>,
+    /// The VMM's own figure: `vmm_from` → its first guest serial byte (timing marks).
+    vmm_ms: Option<Summary>,
+    vmm_from: &'static str,
+    /// Standby only: the reply's `restore_ms` (request received → vCPUs started).
+    reply_restore_ms: Option<Summary>,
+    /// Every `timing:` mark of the VMM (ms since its `main`).
+    vmm_marks_ms: Vec<Step>,
+}
+
+#[derive(Default)]
+struct RestoreSamples {
+    client: Vec<f64>,
+    vmm: Vec<f64>,
+    reply: Vec<f64>,
+    marks: Vec<Vec<(String, f64)>>,
+}
+
+impl RestoreSamples {
+    fn row(&self, path: &str, mem_mode: &'static str, vmm_from: &'static str) -> RestoreRow {
+        RestoreRow {
+            path: path.into(),
+            mem_mode,
+            client_ms: ms_of(&self.client),
+            vmm_ms: ms_of(&self.vmm),
+            vmm_from,
+            reply_restore_ms: ms_of(&self.reply),
+            vmm_marks_ms: steps_of(&self.marks),
+        }
+    }
+}
+
+fn marks(v: &drv::Vmm) -> Vec<(String, f64)> {
+    v.stderr().iter().filter_map(|l| drv::parse_timing(l)).collect()
+}
+
+/// `grove-vmm restore` from a spawn to the first `T`. Returns the VMM for callers that
+/// keep it running.
+fn cold_restore(
+    vmm: &Path,
+    dir: &Path,
+    mode: &str,
+    identity: u32,
+    out: &mut RestoreSamples,
+) -> Result<drv::Vmm, String> {
+    let id = identity.to_string();
+    let args = ["restore", "--snapshot", drv::s(dir)?, "--mem-mode", mode, "--identity", &id];
+    let t0 = Instant::now();
+    let mut v = drv::Vmm::spawn(vmm, &args, None, 1)?;
+    let at = v.wait_first_t()?;
+    out.client.push(drv::ms_since(t0, at));
+    if let Some(m) = v.timing_mark("first guest serial output") {
+        out.vmm.push(m);
+    }
+    out.marks.push(marks(&v));
+    Ok(v)
+}
+
+/// A pre-started `grove-vmm standby` (its KVM work done), connected.
+struct Standby {
+    vmm: drv::Vmm,
+    api: drv::Api,
+}
+
+fn start_standby(vmm: &Path, mem_mib: u64, sock: PathBuf) -> Result<Standby, String> {
+    let mem = mem_mib.to_string();
+    let sock_s = drv::s(&sock)?.to_string();
+    let mut v = drv::Vmm::spawn(
+        vmm,
+        &["standby", "--api-sock", &sock_s, "--mem-mib", &mem],
+        Some(sock),
+        1,
+    )?;
+    let mut api = v.api()?;
+    let st = api.call(&serde_json::json!({"cmd": "status"}))?;
+    if st.get("state").and_then(serde_json::Value::as_str) != Some("standby") {
+        return Err(format!("standby VMM status: {st}"));
+    }
+    Ok(Standby { vmm: v, api })
+}
+
+fn restore_request(dir: &Path, identity: u32) -> serde_json::Value {
+    serde_json::json!({"cmd": "restore", "snapshot": dir, "identity": identity})
+}
+
+/// After the standby's first `T`: its reply and its own figure.
+fn standby_finish(sb: &mut Standby, out: &mut RestoreSamples) -> Result<(), String> {
+    let reply = sb.api.recv()?;
+    out.reply.push(drv::reply_f64(&reply, "/restore_ms")?);
+    if let (Some(req), Some(first)) =
+        (sb.vmm.timing_mark("restore request"), sb.vmm.timing_mark("first guest serial output"))
+    {
+        out.vmm.push(first - req);
+    }
+    out.marks.push(marks(&sb.vmm));
+    Ok(())
+}
+
+/// `grove-bench restore`: restore to running (the guest's first `T`) from a full snapshot of
+/// a ready-mode guest: cold `grove-vmm restore` in mmap and uffd mode (uffd: first restore,
+/// and with the working set the first restore recorded) and pre-started standby VMMs.
+/// `--storage-only`: the storage-level restore measurements instead.
 pub fn run_restore(args: &[String]) -> Result<(), String> {
     if args.iter().any(|a| a == "--storage-only") {
         return run_storage(args, false);
     }
-    Err("restore to running needs the VMM integration (grove-vmm restore); \
-         use --storage-only for the storage-level restore figures"
-        .into())
+    let json = wants_json(args);
+    let runs: usize = flag(args, "--runs")?.unwrap_or(15).max(1);
+    let mem_mib: u64 = flag(args, "--mem-mib")?.unwrap_or(256);
+    let touch_mib: u64 = flag(args, "--touch-mib")?.unwrap_or(64);
+    check_fit(mem_mib, touch_mib)?;
+    let (vmm, guest) = drv::binaries()?;
+    let mut cond = drv::Conditions::now(&vmm, &guest);
+    let tmp = drv::TempDir::new("restore")?;
+    let snap = tmp.join("snap");
+    let cmdline = format!("tg.mode=ready tg.touch_mib={touch_mib}");
+    let (snap_pages, snap_ms) = {
+        let mut parent = boot_guest(&vmm, &guest, &cmdline, mem_mib, tmp.join("parent.sock"))?;
+        let r = parent
+            .api()?
+            .call(&serde_json::json!({"cmd": "snapshot", "kind": "full", "dir": snap}))?;
+        (drv::reply_f64(&r, "/snapshot/pages")?, drv::reply_f64(&r, "/snapshot/total_ms")?)
+        // The parent is killed here: its spinning vCPU would compete with the restores.
+    };
+    let head = snap.join("0000.mlayer");
+    let ws = WorkingSet::default_path(&head);
+    let mut rows = Vec::new();
+    let progress = |what: &str| {
+        if !json {
+            eprintln!("restore: {what} ...");
+        }
+    };
+
+    progress("cold, mmap");
+    let mut s = RestoreSamples::default();
+    for _ in 0..runs {
+        cold_restore(&vmm, &snap, "mmap", 1, &mut s)?;
+    }
+    rows.push(s.row("cold grove-vmm restore", "mmap", "VMM main"));
+
+    progress("cold, uffd, first restore");
+    let mut s = RestoreSamples::default();
+    for _ in 0..runs {
+        let _ = std::fs::remove_file(&ws);
+        cold_restore(&vmm, &snap, "uffd", 1, &mut s)?;
+    }
+    rows.push(s.row(
+        "cold grove-vmm restore, first uffd restore (no working set)",
+        "uffd",
+        "VMM main",
+    ));
+
+    progress("cold, uffd, recording the working set");
+    let _ = std::fs::remove_file(&ws);
+    let recorder = cold_restore(&vmm, &snap, "uffd", 1, &mut RestoreSamples::default())?;
+    let t = Instant::now();
+    while !ws.exists() {
+        if t.elapsed() > drv::DEADLINE {
+            return Err(format!(
+                "the first uffd restore recorded no working set at {}",
+                ws.display()
+            ));
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    // Saved by rename: once the name exists the file is complete.
+    drop(recorder);
+    let ws_pages = WorkingSet::load(&ws).map_err(|e| e.to_string())?.pages.len();
+
+    progress("cold, uffd, recorded working set prefetched");
+    let mut s = RestoreSamples::default();
+    for _ in 0..runs {
+        cold_restore(&vmm, &snap, "uffd", 1, &mut s)?;
+    }
+    rows.push(s.row(
+        "cold grove-vmm restore, uffd, recorded working set prefetched",
+        "uffd",
+        "VMM main",
+    ));
+
+    progress("standby, mmap");
+    let mut s = RestoreSamples::default();
+    for i in 0..runs {
+        let mut sb = start_standby(&vmm, mem_mib, tmp.join(&format!("sb-{i}.sock")))?;
+        let t0 = Instant::now();
+        sb.api.send(&restore_request(&snap, 1))?;
+        let at = sb.vmm.wait_first_t()?;
+        s.client.push(drv::ms_since(t0, at));
+        standby_finish(&mut sb, &mut s)?;
+    }
+    rows.push(s.row(
+        "pre-started standby VMM, restore request",
+        "mmap",
+        "restore request received",
+    ));
+
+    cond.loadavg_end = drv::loadavg();
+    if json {
+        let doc = serde_json::json!({
+            "bench": "restore",
+            "conditions": cond,
+            "runs": runs,
+            "guest": { "mem_mib": mem_mib, "touch_mib": touch_mib, "cmdline": cmdline, "vcpus": 1 },
+            "snapshot": { "kind": "full", "pages": snap_pages, "snapshot_ms": snap_ms, "working_set_pages": ws_pages },
+            "to": "the guest's first T read from the VMM's stdout",
+            "results": rows,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?);
+    } else {
+        println!(
+            "grove-bench restore: {runs} runs, {mem_mib} MiB guest (1 vCPU, ready mode, {touch_mib} MiB touched), \
+             full snapshot of {snap_pages} pages; recorded working set {ws_pages} pages"
+        );
+        cond.print();
+        for r in &rows {
+            println!("  {} [{}]", r.path, r.mem_mode);
+            show("restore call -> first T (client)", r.client_ms.as_ref());
+            show(&format!("{} -> first serial byte (VMM)", r.vmm_from), r.vmm_ms.as_ref());
+            if r.reply_restore_ms.is_some() {
+                show("reply restore_ms (VMM)", r.reply_restore_ms.as_ref());
+            }
+            for st in &r.vmm_marks_ms {
+                println!("      mark {:<40} {}", st.step, st.ms);
+            }
+        }
+    }
+    Ok(())
 }
 
-/// `grove-bench fork`: fork a running guest into N children.
-pub fn run_fork(_args: &[String]) -> Result<(), String> {
-    Err("fork needs the VMM integration (control socket fork command, grove-vmm restore)".into())
+// ── fork ──
+
+#[derive(Serialize)]
+struct ForkRow {
+    children: usize,
+    mem_mode: &'static str,
+    start: &'static str,
+    runs: usize,
+    /// The parent's first fork (pre-copy of the full layer while running, then the diff).
+    first_fork_pause_ms: f64,
+    first_fork_total_ms: f64,
+    /// Later forks (diff only): the reply's pause and the client's request → reply.
+    parent_pause_ms: Option<Summary>,
+    fork_call_ms: Option<Summary>,
+    /// Fork request sent → every child's first `T` read.
+    all_children_running_after_fork_call_ms: Option<Summary>,
+    /// Fork reply read → every child's first `T` read.
+    all_children_running_after_fork_reply_ms: Option<Summary>,
+    child_pss_kib: Option<Summary>,
+    child_pss_anon_kib: Option<Summary>,
+    child_rss_kib: Option<Summary>,
+    parent_pss_kib: Option<Summary>,
+    child_pss_percent_of_parent: Option<Summary>,
+}
+
+#[derive(Default)]
+struct ForkSamples {
+    pause: Vec<f64>,
+    call: Vec<f64>,
+    from_call: Vec<f64>,
+    from_reply: Vec<f64>,
+    pss: Vec<f64>,
+    pss_anon: Vec<f64>,
+    rss: Vec<f64>,
+    parent_pss: Vec<f64>,
+    percent: Vec<f64>,
+}
+
+#[allow(clippy::cast_precision_loss)] // KiB counts are far below 2^52.
+fn kib(v: u64) -> f64 {
+    v as f64
+}
+
+struct ForkSetup<'a> {
+    vmm: &'a Path,
+    guest: &'a Path,
+    cmdline: &'a str,
+    mem_mib: u64,
+    idle_ms: u64,
+}
+
+fn fork_series(
+    f: &ForkSetup<'_>,
+    n: usize,
+    mode: &'static str,
+    standby: bool,
+    runs: usize,
+) -> Result<ForkRow, String> {
+    let tmp = drv::TempDir::new("fork")?;
+    let mut parent = boot_guest(f.vmm, f.guest, f.cmdline, f.mem_mib, tmp.join("parent.sock"))?;
+    let mut api = parent.api()?;
+    let fork =
+        |api: &mut drv::Api, dir: &Path| api.call(&serde_json::json!({"cmd": "fork", "dir": dir}));
+    let first = fork(&mut api, &tmp.join("fork-0"))?;
+    let mut s = ForkSamples::default();
+    for run in 1..=runs {
+        let dir = tmp.join(&format!("fork-{run}"));
+        let mut standbys = Vec::new();
+        if standby {
+            for i in 0..n {
+                standbys.push(start_standby(
+                    f.vmm,
+                    f.mem_mib,
+                    tmp.join(&format!("sb-{run}-{i}.sock")),
+                )?);
+            }
+        }
+        let t0 = Instant::now();
+        let r = fork(&mut api, &dir)?;
+        let t_reply = Instant::now();
+        s.call.push(drv::ms_since(t0, t_reply));
+        s.pause.push(drv::reply_f64(&r, "/snapshot/pause_ms")?);
+        let mut children = Vec::with_capacity(n);
+        if standby {
+            for (i, sb) in standbys.iter_mut().enumerate() {
+                sb.api.send(&restore_request(&dir, u32::try_from(i + 1).unwrap_or(u32::MAX)))?;
+            }
+        } else {
+            for i in 0..n {
+                let id = (i + 1).to_string();
+                let args =
+                    ["restore", "--snapshot", drv::s(&dir)?, "--mem-mode", mode, "--identity", &id];
+                children.push(drv::Vmm::spawn(f.vmm, &args, None, 1)?);
+            }
+        }
+        let mut last = t_reply;
+        for c in children.iter_mut().chain(standbys.iter_mut().map(|sb| &mut sb.vmm)) {
+            last = last.max(c.wait_first_t()?);
+        }
+        s.from_call.push(drv::ms_since(t0, last));
+        s.from_reply.push(drv::ms_since(t_reply, last));
+        for sb in &mut standbys {
+            sb.api.recv()?;
+        }
+        // Idle a moment (no new memory touched), then read what each child holds.
+        thread::sleep(Duration::from_millis(f.idle_ms));
+        let p = drv::rollup(parent.pid)?;
+        s.parent_pss.push(kib(p.pss_kib));
+        for c in children.iter().chain(standbys.iter().map(|sb| &sb.vmm)) {
+            let m = drv::rollup(c.pid)?;
+            s.pss.push(kib(m.pss_kib));
+            s.pss_anon.push(kib(m.pss_anon_kib));
+            s.rss.push(kib(m.rss_kib));
+            s.percent.push(100.0 * kib(m.pss_kib) / kib(p.pss_kib.max(1)));
+        }
+        // Children (and standbys) are killed here, before the next round.
+    }
+    Ok(ForkRow {
+        children: n,
+        mem_mode: mode,
+        start: if standby { "pre-started standby VMMs" } else { "cold grove-vmm restore" },
+        runs,
+        first_fork_pause_ms: drv::reply_f64(&first, "/snapshot/pause_ms")?,
+        first_fork_total_ms: drv::reply_f64(&first, "/snapshot/total_ms")?,
+        parent_pause_ms: ms_of(&s.pause),
+        fork_call_ms: ms_of(&s.call),
+        all_children_running_after_fork_call_ms: ms_of(&s.from_call),
+        all_children_running_after_fork_reply_ms: ms_of(&s.from_reply),
+        child_pss_kib: Summary::of("KiB", &s.pss),
+        child_pss_anon_kib: Summary::of("KiB", &s.pss_anon),
+        child_rss_kib: Summary::of("KiB", &s.rss),
+        parent_pss_kib: Summary::of("KiB", &s.parent_pss),
+        child_pss_percent_of_parent: Summary::of("%", &s.percent),
+    })
+}
+
+/// `grove-bench fork`: a ready-mode parent forked through the control socket into N
+/// children, started with `grove-vmm restore` (mmap and uffd) and with pre-started standby
+/// VMMs (mmap).
+pub fn run_fork(args: &[String]) -> Result<(), String> {
+    let json = wants_json(args);
+    let runs: usize = flag(args, "--runs")?.unwrap_or(3).max(1);
+    let children: Vec<usize> = match flag::<String>(args, "--children")? {
+        Some(v) => drv::parse_list(&v, "--children")?,
+        None => vec![1, 4, 16, 64],
+    };
+    if children.iter().any(|&n| n == 0 || n > 256) {
+        return Err("--children: each count must be 1..=256".into());
+    }
+    let modes: Vec<&'static str> = match flag::<String>(args, "--mem-mode")?.as_deref() {
+        None => vec!["mmap", "uffd"],
+        Some("mmap") => vec!["mmap"],
+        Some("uffd") => vec!["uffd"],
+        Some(other) => return Err(format!("--mem-mode: mmap or uffd, not '{other}'")),
+    };
+    let no_standby = args.iter().any(|a| a == "--no-standby");
+    let mem_mib: u64 = 256;
+    let touch_mib: u64 = 64;
+    let (vmm, guest) = drv::binaries()?;
+    let mut cond = drv::Conditions::now(&vmm, &guest);
+    let cmdline = format!("tg.mode=ready tg.touch_mib={touch_mib}");
+    let setup = ForkSetup { vmm: &vmm, guest: &guest, cmdline: &cmdline, mem_mib, idle_ms: 300 };
+    let mut rows = Vec::new();
+    for &mode in &modes {
+        let starts: &[bool] = if mode == "mmap" && !no_standby { &[false, true] } else { &[false] };
+        for &standby in starts {
+            for &n in &children {
+                let r = if n > MANY_CHILDREN { runs.min(1) } else { runs };
+                if !json {
+                    eprintln!(
+                        "fork: {n} children, {mode}, {} ...",
+                        if standby { "standby" } else { "cold" }
+                    );
+                }
+                rows.push(fork_series(&setup, n, mode, standby, r)?);
+            }
+        }
+    }
+    cond.loadavg_end = drv::loadavg();
+    let note = format!(
+        "every child of a ready-mode guest spins (busy-waits between Ts): N children + the parent \
+         share {} host CPUs; counts above {MANY_CHILDREN} get 1 run",
+        cond.host_cpus
+    );
+    if json {
+        let doc = serde_json::json!({
+            "bench": "fork",
+            "conditions": cond,
+            "parent": { "mem_mib": mem_mib, "touch_mib": touch_mib, "cmdline": cmdline, "vcpus": 1 },
+            "note": note,
+            "results": rows,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?);
+    } else {
+        println!(
+            "grove-bench fork: parent {mem_mib} MiB, 1 vCPU, ready mode, {touch_mib} MiB touched; {runs} runs"
+        );
+        cond.print();
+        println!("  note: {note}");
+        for r in &rows {
+            println!(
+                "  {} children, {} [{}], {} runs; first fork: pause {:.3} ms, total {:.3} ms",
+                r.children,
+                r.start,
+                r.mem_mode,
+                r.runs,
+                r.first_fork_pause_ms,
+                r.first_fork_total_ms
+            );
+            show("parent pause (later forks)", r.parent_pause_ms.as_ref());
+            show("fork call (client)", r.fork_call_ms.as_ref());
+            show(
+                "fork call -> every child's first T",
+                r.all_children_running_after_fork_call_ms.as_ref(),
+            );
+            show(
+                "fork reply -> every child's first T",
+                r.all_children_running_after_fork_reply_ms.as_ref(),
+            );
+            show("child Pss", r.child_pss_kib.as_ref());
+            show("child Pss_Anon", r.child_pss_anon_kib.as_ref());
+            show("child Rss", r.child_rss_kib.as_ref());
+            show("parent Pss", r.parent_pss_kib.as_ref());
+            show("child Pss / parent Pss", r.child_pss_percent_of_parent.as_ref());
+        }
+    }
+    Ok(())
 }
