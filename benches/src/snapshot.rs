@@ -656,7 +656,7 @@ pub fn run_snapshot(args: &[String]) -> Result<(), String> {
     };
     let gaps_ms: Vec<u64> = match flag::<String>(args, "--busy-gaps-ms")? {
         Some(v) => drv::parse_list(&v, "--busy-gaps-ms")?,
-        None => vec![10, 100, 1000],
+        None => vec![1, 10, 100, 1000],
     };
     for &m in &sizes {
         check_fit(m, touch_mib)?;
@@ -702,7 +702,7 @@ pub fn run_snapshot(args: &[String]) -> Result<(), String> {
             show("whole snapshot (VMM)", r.vmm_total_ms.as_ref());
             show("request -> reply (client)", r.client_ms.as_ref());
         }
-        println!("  (the first full snapshot also turns dirty logging on; busy guests write one page per T, round robin)");
+        println!("  (the first full snapshot also turns dirty logging on; busy guests write successive pages of their region between Ts, round robin)");
     }
     Ok(())
 }
@@ -876,7 +876,7 @@ pub fn run_restore(args: &[String]) -> Result<(), String> {
         return run_storage(args, false);
     }
     let json = wants_json(args);
-    let runs: usize = flag(args, "--runs")?.unwrap_or(15).max(1);
+    let runs: usize = flag(args, "--runs")?.unwrap_or(30).max(1);
     let mem_mib: u64 = flag(args, "--mem-mib")?.unwrap_or(256);
     let touch_mib: u64 = flag(args, "--touch-mib")?.unwrap_or(64);
     check_fit(mem_mib, touch_mib)?;
@@ -1016,6 +1016,8 @@ struct ForkRow {
     all_children_running_after_fork_call_ms: Option<Summary>,
     /// Fork reply read → every child's first `T` read.
     all_children_running_after_fork_reply_ms: Option<Summary>,
+    /// Fork request sent → each child's first `T` (all children of all runs).
+    each_child_running_after_fork_call_ms: Option<Summary>,
     child_pss_kib: Option<Summary>,
     child_pss_anon_kib: Option<Summary>,
     child_rss_kib: Option<Summary>,
@@ -1029,6 +1031,7 @@ struct ForkSamples {
     call: Vec<f64>,
     from_call: Vec<f64>,
     from_reply: Vec<f64>,
+    each: Vec<f64>,
     pss: Vec<f64>,
     pss_anon: Vec<f64>,
     rss: Vec<f64>,
@@ -1095,7 +1098,9 @@ fn fork_series(
         }
         let mut last = t_reply;
         for c in children.iter_mut().chain(standbys.iter_mut().map(|sb| &mut sb.vmm)) {
-            last = last.max(c.wait_first_t()?);
+            let at = c.wait_first_t()?;
+            s.each.push(drv::ms_since(t0, at));
+            last = last.max(at);
         }
         s.from_call.push(drv::ms_since(t0, last));
         s.from_reply.push(drv::ms_since(t_reply, last));
@@ -1126,6 +1131,7 @@ fn fork_series(
         fork_call_ms: ms_of(&s.call),
         all_children_running_after_fork_call_ms: ms_of(&s.from_call),
         all_children_running_after_fork_reply_ms: ms_of(&s.from_reply),
+        each_child_running_after_fork_call_ms: ms_of(&s.each),
         child_pss_kib: Summary::of("KiB", &s.pss),
         child_pss_anon_kib: Summary::of("KiB", &s.pss_anon),
         child_rss_kib: Summary::of("KiB", &s.rss),
@@ -1139,7 +1145,7 @@ fn fork_series(
 /// VMMs (mmap).
 pub fn run_fork(args: &[String]) -> Result<(), String> {
     let json = wants_json(args);
-    let runs: usize = flag(args, "--runs")?.unwrap_or(3).max(1);
+    let runs: usize = flag(args, "--runs")?.unwrap_or(5).max(1);
     let children: Vec<usize> = match flag::<String>(args, "--children")? {
         Some(v) => drv::parse_list(&v, "--children")?,
         None => vec![1, 4, 16, 64],
@@ -1216,6 +1222,10 @@ pub fn run_fork(args: &[String]) -> Result<(), String> {
             show(
                 "fork reply -> every child's first T",
                 r.all_children_running_after_fork_reply_ms.as_ref(),
+            );
+            show(
+                "fork call -> each child's first T",
+                r.each_child_running_after_fork_call_ms.as_ref(),
             );
             show("child Pss", r.child_pss_kib.as_ref());
             show("child Pss_Anon", r.child_pss_anon_kib.as_ref());
