@@ -16,7 +16,8 @@ export GROVE_TESTGUEST
 echo "== guest kernel + initramfs (scripts/fetch-kernel.sh)" >&2
 scripts/fetch-kernel.sh
 echo "== cargo test" >&2
-cargo test --workspace --release 2>&1 | tee /tmp/grove-cargo-test.log
+# --show-output: the skip reasons of tests that cannot run on this host are printed.
+cargo test --workspace --release -- --show-output 2>&1 | tee /tmp/grove-cargo-test.log
 echo "== storage crash-consistency tests (failpoints compiled in)" >&2
 cargo test --release -p grove-storage --features failpoints --test catalog_failpoints 2>&1 | tee -a /tmp/grove-cargo-test.log
 echo "== guest root image + QEMU smoke test (tcg)" >&2
