@@ -1050,6 +1050,8 @@ struct ForkSetup<'a> {
     cmdline: &'a str,
     mem_mib: u64,
     idle_ms: u64,
+    /// SIGSTOP each child at its first `T` and the parent after the fork reply.
+    stop_children: bool,
 }
 
 fn fork_series(
@@ -1083,9 +1085,15 @@ fn fork_series(
         let t_reply = Instant::now();
         s.call.push(drv::ms_since(t0, t_reply));
         s.pause.push(drv::reply_f64(&r, "/snapshot/pause_ms")?);
+        if f.stop_children {
+            parent.stop();
+        }
         let mut children = Vec::with_capacity(n);
         if standby {
             for (i, sb) in standbys.iter_mut().enumerate() {
+                if f.stop_children {
+                    sb.vmm.stop_at_first_t();
+                }
                 sb.api.send(&restore_request(&dir, u32::try_from(i + 1).unwrap_or(u32::MAX)))?;
             }
         } else {
@@ -1093,7 +1101,11 @@ fn fork_series(
                 let id = (i + 1).to_string();
                 let args =
                     ["restore", "--snapshot", drv::s(&dir)?, "--mem-mode", mode, "--identity", &id];
-                children.push(drv::Vmm::spawn(f.vmm, &args, None, 1)?);
+                let c = drv::Vmm::spawn(f.vmm, &args, None, 1)?;
+                if f.stop_children {
+                    c.stop_at_first_t();
+                }
+                children.push(c);
             }
         }
         let mut last = t_reply;
@@ -1104,6 +1116,12 @@ fn fork_series(
         }
         s.from_call.push(drv::ms_since(t0, last));
         s.from_reply.push(drv::ms_since(t_reply, last));
+        if f.stop_children {
+            parent.cont();
+            for c in children.iter().chain(standbys.iter().map(|sb| &sb.vmm)) {
+                c.cont();
+            }
+        }
         for sb in &mut standbys {
             sb.api.recv()?;
         }
@@ -1160,12 +1178,20 @@ pub fn run_fork(args: &[String]) -> Result<(), String> {
         Some(other) => return Err(format!("--mem-mode: mmap or uffd, not '{other}'")),
     };
     let no_standby = args.iter().any(|a| a == "--no-standby");
+    let stop_children = args.iter().any(|a| a == "--stop-children");
     let mem_mib: u64 = 256;
     let touch_mib: u64 = 64;
     let (vmm, guest) = drv::binaries()?;
     let mut cond = drv::Conditions::now(&vmm, &guest);
     let cmdline = format!("tg.mode=ready tg.touch_mib={touch_mib}");
-    let setup = ForkSetup { vmm: &vmm, guest: &guest, cmdline: &cmdline, mem_mib, idle_ms: 300 };
+    let setup = ForkSetup {
+        vmm: &vmm,
+        guest: &guest,
+        cmdline: &cmdline,
+        mem_mib,
+        idle_ms: 300,
+        stop_children,
+    };
     let mut rows = Vec::new();
     for &mode in &modes {
         let starts: &[bool] = if mode == "mmap" && !no_standby { &[false, true] } else { &[false] };
@@ -1183,15 +1209,26 @@ pub fn run_fork(args: &[String]) -> Result<(), String> {
         }
     }
     cond.loadavg_end = drv::loadavg();
-    let note = format!(
-        "every child of a ready-mode guest spins (busy-waits between Ts): N children + the parent \
-         share {} host CPUs; counts above {MANY_CHILDREN} get 1 run",
-        cond.host_cpus
-    );
+    let note = if stop_children {
+        format!(
+            "--stop-children: each child is SIGSTOPped when its first T arrives and the parent \
+             from the fork reply until every child ran (standing in for guests that idle), so \
+             children do not compete with the ones still starting for the {} host CPUs; counts \
+             above {MANY_CHILDREN} get 1 run",
+            cond.host_cpus
+        )
+    } else {
+        format!(
+            "every child of a ready-mode guest spins (busy-waits between Ts): N children + the \
+             parent share {} host CPUs; counts above {MANY_CHILDREN} get 1 run",
+            cond.host_cpus
+        )
+    };
     if json {
         let doc = serde_json::json!({
             "bench": "fork",
             "conditions": cond,
+            "stop_children": stop_children,
             "parent": { "mem_mib": mem_mib, "touch_mib": touch_mib, "cmdline": cmdline, "vcpus": 1 },
             "note": note,
             "results": rows,

@@ -29,6 +29,8 @@ struct Output {
     first_t: Option<Instant>,
     ts: usize,
     eof: bool,
+    /// SIGSTOP the VMM when its first `T` arrives (see [`Vmm::stop_at_first_t`]).
+    stop_at_first_t: bool,
 }
 
 struct Shared {
@@ -110,6 +112,9 @@ impl Vmm {
                 };
                 if ts > 0 && g.first_t.is_none() {
                     g.first_t = Some(at);
+                    if g.stop_at_first_t {
+                        signal(pid, libc::SIGSTOP);
+                    }
                 }
                 g.ts += ts;
                 let done = g.ts >= read_ts;
@@ -168,6 +173,27 @@ impl Vmm {
         lock(&self.out.out).first_t.ok_or_else(|| "no T time".into())
     }
 
+    /// Stops the VMM (SIGSTOP) as soon as its guest printed its first `T` (at once if it
+    /// already did): stands in for a guest that goes idle after starting, which the
+    /// spinning test guest cannot do. It stays stopped until [`Self::cont`] or the kill.
+    pub fn stop_at_first_t(&self) {
+        let mut g = lock(&self.out.out);
+        g.stop_at_first_t = true;
+        if g.first_t.is_some() {
+            signal(self.pid, libc::SIGSTOP);
+        }
+    }
+
+    /// SIGSTOP now.
+    pub fn stop(&self) {
+        signal(self.pid, libc::SIGSTOP);
+    }
+
+    /// SIGCONT.
+    pub fn cont(&self) {
+        signal(self.pid, libc::SIGCONT);
+    }
+
     /// The stderr lines so far.
     pub fn stderr(&self) -> Vec<String> {
         lock(&self.err).clone()
@@ -210,6 +236,15 @@ impl Vmm {
                 }
             }
         }
+    }
+}
+
+/// Sends `sig` to a VMM this process started (by its PID, while its `Child` is unreaped).
+fn signal(pid: u32, sig: libc::c_int) {
+    if let Ok(p) = libc::pid_t::try_from(pid) {
+        // SAFETY: kill(2) has no memory effects; `p` is the PID of our own unreaped child
+        // (the guard reaps it only after killing it), so it cannot name another process.
+        unsafe { libc::kill(p, sig) };
     }
 }
 
