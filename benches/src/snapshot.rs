@@ -2,8 +2,8 @@
 //!
 //! Two parts, kept apart:
 //!
-//! 1. **Storage level** (this file's first half, no VMM, host memory only), run by
-//!    `grove-bench snapshot [--json] [--runs N] [--sizes 256,1024,4096]
+//! 1. **Storage level** (no VMM, host memory only), run by
+//!    `grove-bench snapshot --storage-only [--json] [--runs N] [--sizes 256,1024,4096]
 //!    [--touch-mib T] [--dir PATH] [--no-fsync]`:
 //!    - layer write time: a full layer of guest memory of each size with T MiB
 //!      touched (non-zero; the rest zero, i.e. holes), and diff layers of 16 pages,
@@ -13,14 +13,27 @@
 //!      mode without prefetch, with the recorded working set prefetched before
 //!      start, and prefetched in the background.
 //!
-//!    `grove-bench restore --storage-only` runs only the restore part.
-//! 2. **VMM level** ([`run_restore`] and [`run_fork`] without `--storage-only`):
-//!    restore to the guest's next `T`, fork into N children. They need the VMM
-//!    integration (control socket, `grove-vmm restore`) and are left to it.
+//!    `grove-bench restore --storage-only` runs only the restore part. Layer files go
+//!    to `--dir` (default: the temp dir) and are removed afterwards; the page cache is
+//!    warm (files just written).
+//! 2. **VMM level** (the default), driving the real `grove-vmm` (see `vmm_driver`) with
+//!    the test guest over its control socket:
+//!    - `grove-bench snapshot [--json] [--runs N] [--sizes 256,1024,4096] [--touch-mib T]
+//!      [--busy-gaps-ms 1,10,100,1000]`: full and diff snapshot times (the reply's
+//!      `pause_ms` / `total_ms` and the client's round trip) per memory size (sizes
+//!      that MemAvailable cannot hold with 1 GiB to spare are skipped), for an idle
+//!      ready-mode guest and a busy-mode guest whose dirty set grows with the gap;
+//!    - `grove-bench restore [--json] [--runs N] [--mem-mib M] [--touch-mib T]`: from the
+//!      restore call (spawn of `grove-vmm restore`; the `restore` request to a
+//!      pre-started `grove-vmm standby`) to the guest's first `T` read from the VMM's
+//!      stdout, for mmap, uffd without a working set, uffd with the recorded working set
+//!      and standby (mmap), plus the VMM's own `GROVE_VMM_TIMING` marks;
+//!    - `grove-bench fork [--json] [--runs N] [--children 1,4,16,64] [--mem-mode mmap|uffd]
+//!      [--no-standby] [--stop-children]`: a ready-mode parent forked into N children
+//!      (cold restores and pre-started standby VMMs): parent pause, fork call, time until
+//!      every child printed `T`, Pss per idle child against the parent's.
 //!
-//! Layer files go to `--dir` (default: the temp dir) and are removed afterwards.
-//! The page cache is warm (files just written): cold-cache restores would need
-//! dropping the host's caches, which this bench does not do.
+//! Every VMM is killed by PID when its guard drops; snapshot directories are removed.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
