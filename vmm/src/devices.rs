@@ -1,5 +1,5 @@
 //! Legacy port-I/O devices: COM1 (vm-superio 8250), i8042 (reset), the Grove boot-timer,
-//! identity and generation ports, and harmless answers for probe ports.
+//! identity, generation and idle ports, and harmless answers for probe ports.
 //!
 //! Port map:
 //! | port          | device                                                        |
@@ -9,6 +9,8 @@
 //! | 0x440         | boot timer: byte 123 logs the time since VMM start            |
 //! | 0x444         | Grove identity (32-bit IN), from the config, 0 on fresh boot  |
 //! | 0x448         | Grove restore generation (32-bit IN), +1 on every restore     |
+//! | 0x44c         | Grove idle: IN reads [`IDLE_MAGIC`]; OUT of N sleeps the vCPU |
+//! |               | thread N us (at most [`IDLE_MAX_US`]); stateless              |
 //! | 0x70-0x71     | CMOS: reads 0                                                 |
 //! | anything else | reads all ones, writes ignored (0x80, 0xed, 0xcf8-0xcff, ...) |
 //!
@@ -18,7 +20,7 @@ use std::fs::File;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{I8042Device, Serial, Trigger};
@@ -40,6 +42,13 @@ pub const BOOT_TIMER_MAGIC: u8 = 123;
 pub const IDENTITY: u16 = 0x444;
 /// Restore-generation port.
 pub const GENERATION: u16 = 0x448;
+/// Idle port: a guest that cannot `hlt` (the test guest runs at CPL 3) sleeps here.
+pub const IDLE: u16 = 0x44c;
+/// What a 32-bit IN from the idle port reads ("GROV"), so a guest can detect it (an unknown
+/// port reads all ones in grove-vmm; other VMMs answer something else).
+pub const IDLE_MAGIC: u32 = 0x4752_4f56;
+/// Longest sleep one OUT to the idle port asks for (microseconds); larger values clamp.
+pub const IDLE_MAX_US: u32 = 1000;
 
 /// Errors from the devices.
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +145,9 @@ pub enum PortAction {
     Continue,
     /// The guest asked for a reset: stop the VM with status 0.
     Reset,
+    /// The guest is idle: the vCPU thread sleeps this long (at most [`IDLE_MAX_US`]) before
+    /// it re-enters the guest, waking early for a pause.
+    Idle(Duration),
 }
 
 /// Saved state of the port devices (`Persist`-style: runtime objects vs saved state).
@@ -196,6 +208,7 @@ impl PortBus {
             }
             IDENTITY => fill_le(data, self.identity.load(Ordering::SeqCst)),
             GENERATION => fill_le(data, self.generation.load(Ordering::SeqCst)),
+            IDLE => fill_le(data, IDLE_MAGIC),
             0x70 | 0x71 => data.fill(0),
             _ => data.fill(0xff),
         }
@@ -203,6 +216,9 @@ impl PortBus {
 
     /// Handles an OUT.
     pub fn io_out(&self, port: u16, data: &[u8]) -> PortAction {
+        if port == IDLE {
+            return PortAction::Idle(idle_duration(data));
+        }
         let Some(&b) = data.first() else {
             return PortAction::Continue;
         };
@@ -306,6 +322,17 @@ fn dummy_evt() -> Result<EventFd, DeviceError> {
     EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::EventFd)
 }
 
+/// The sleep an OUT of `data` (little endian, 1-4 bytes) to the idle port asks for, clamped to
+/// [`IDLE_MAX_US`].
+fn idle_duration(data: &[u8]) -> Duration {
+    let mut le = [0u8; 4];
+    for (d, s) in le.iter_mut().zip(data) {
+        *d = *s;
+    }
+    let us = u32::from_le_bytes(le).min(IDLE_MAX_US);
+    Duration::from_micros(u64::from(us))
+}
+
 fn fill_le(data: &mut [u8], v: u32) {
     for (i, b) in data.iter_mut().enumerate() {
         *b = v.to_le_bytes().get(i).copied().unwrap_or(0);
@@ -350,6 +377,32 @@ mod tests {
         assert_eq!(one, [0]);
         assert_eq!(b.io_out(0x80, &[1]), PortAction::Continue);
         assert_eq!(b.io_out(0xcf8, &[]), PortAction::Continue);
+    }
+
+    #[test]
+    fn idle_port_reads_the_magic_and_clamps_sleeps() {
+        let b = bus();
+        let mut d = [0u8; 4];
+        b.io_in(IDLE, &mut d);
+        assert_eq!(u32::from_le_bytes(d), IDLE_MAGIC);
+        assert_eq!(&d, b"VORG", "\"GROV\" as a little-endian u32");
+        let us = |n: u32| b.io_out(IDLE, &n.to_le_bytes());
+        assert_eq!(us(0), PortAction::Idle(Duration::ZERO));
+        assert_eq!(us(40), PortAction::Idle(Duration::from_micros(40)));
+        assert_eq!(us(IDLE_MAX_US), PortAction::Idle(Duration::from_micros(1000)));
+        assert_eq!(us(IDLE_MAX_US + 1), PortAction::Idle(Duration::from_micros(1000)));
+        assert_eq!(us(u32::MAX), PortAction::Idle(Duration::from_micros(1000)));
+        // Narrower writes are zero-extended; an empty one asks for no sleep.
+        assert_eq!(b.io_out(IDLE, &[200]), PortAction::Idle(Duration::from_micros(200)));
+        assert_eq!(b.io_out(IDLE, &[0x10, 0x02]), PortAction::Idle(Duration::from_micros(528)));
+        assert_eq!(b.io_out(IDLE, &[]), PortAction::Idle(Duration::ZERO));
+        // Stateless: nothing in the saved state changes, and a restored bus answers the same.
+        let s = b.save();
+        let r = PortBus::restore(&s, SerialOut::Sink, EventFd::new(0).unwrap(), Instant::now(), 0)
+            .unwrap();
+        r.io_in(IDLE, &mut d);
+        assert_eq!(u32::from_le_bytes(d), IDLE_MAGIC);
+        assert_eq!(r.save(), s);
     }
 
     #[test]

@@ -92,6 +92,17 @@ pub enum Mode {
     TripleFault,
 }
 
+/// How the `T` loop of ready and fork modes waits between `T`s (`tg.idle`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Idle {
+    /// Use the idle port if it reads the Grove magic, else spin (the default).
+    Auto,
+    /// Busy-wait on the TSC.
+    Spin,
+    /// Sleep through the idle port (0x44c) whatever it reads.
+    Port,
+}
+
 /// The `tg.*` settings of the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -109,6 +120,11 @@ pub struct Config {
     /// MMIO address of Firecracker's boot timer (`tg.mmio_boot_timer`), also written
     /// with the magic byte before `READY`.
     pub mmio_boot_timer: Option<u64>,
+    /// How ready and fork modes wait between `T`s (`tg.idle`; busy mode always spins).
+    pub idle: Idle,
+    /// Interval between `T`s in microseconds when sleeping through the idle port
+    /// (`tg.idle_us`, 1..=1000, default 1000).
+    pub idle_us: u64,
 }
 
 impl Default for Config {
@@ -121,6 +137,8 @@ impl Default for Config {
             t_us: 50,
             verbose: false,
             mmio_boot_timer: None,
+            idle: Idle::Auto,
+            idle_us: 1000,
         }
     }
 }
@@ -185,6 +203,19 @@ impl Config {
                         .ok_or("tg.t_us must be 1..=100")?;
                 }
                 b"tg.verbose" => c.verbose = val != b"0",
+                b"tg.idle_us" => {
+                    c.idle_us = parse_u64(val)
+                        .filter(|&v| (1..=1000).contains(&v))
+                        .ok_or("tg.idle_us must be 1..=1000")?;
+                }
+                b"tg.idle" => {
+                    c.idle = match val {
+                        b"auto" => Idle::Auto,
+                        b"spin" => Idle::Spin,
+                        b"port" => Idle::Port,
+                        _ => return Err("tg.idle must be auto, spin or port"),
+                    }
+                }
                 b"tg.mmio_boot_timer" => {
                     c.mmio_boot_timer = Some(
                         parse_u64(val)
@@ -239,6 +270,13 @@ mod tests {
         assert_eq!(c.tsc_khz, Some(2_600_000));
         assert!(c.verbose);
         assert_eq!(c.mmio_boot_timer, Some(0xc000_0000));
+        assert_eq!(c.idle, Idle::Auto);
+        assert_eq!(c.idle_us, 1000);
+        assert_eq!(Config::parse(b"tg.idle_us=40").unwrap().idle_us, 40);
+        for (v, idle) in [("auto", Idle::Auto), ("spin", Idle::Spin), ("port", Idle::Port)] {
+            let c = Config::parse(format!("tg.mode=ready tg.idle={v}").as_bytes()).unwrap();
+            assert_eq!(c.idle, idle);
+        }
     }
 
     #[test]
@@ -254,6 +292,11 @@ mod tests {
             b"tg.mmio_boot_timer=0x1000",
             b"tg.mmio_boot_timer=0xc0000001",
             b"tg.mmio_boot_timer=0x100000000",
+            b"tg.idle=",
+            b"tg.idle=hlt",
+            b"tg.idle=PORT",
+            b"tg.idle_us=0",
+            b"tg.idle_us=1001",
         ] {
             assert!(Config::parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
         }

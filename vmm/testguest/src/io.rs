@@ -16,6 +16,9 @@ pub const BOOT_TIMER_MAGIC: u8 = 123;
 pub const IDENTITY: u16 = 0x444;
 /// Grove restore-generation port (32-bit read): 0 on a fresh boot, +1 per restore.
 pub const GENERATION: u16 = 0x448;
+/// Grove idle port: a 32-bit read gives `pace::IDLE_MAGIC` under grove-vmm; a 32-bit write
+/// of N makes the VMM sleep the vCPU N µs (at most 1000) before it resumes the guest.
+pub const IDLE: u16 = 0x44c;
 
 /// Writes one byte to an I/O port.
 #[inline(always)]
@@ -24,6 +27,15 @@ pub fn outb(port: u16, val: u8) {
     // allowed; it touches no memory of this program, only the VMM's device model.
     unsafe {
         asm!("out dx, al", in("dx") port, in("al") val, options(nomem, nostack, preserves_flags));
+    }
+}
+
+/// Writes 32 bits to an I/O port.
+#[inline(always)]
+pub fn outl(port: u16, val: u32) {
+    // SAFETY: as for `outb`: IOPL 3 allows `out` at CPL 3 and it touches no memory.
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") val, options(nomem, nostack, preserves_flags));
     }
 }
 

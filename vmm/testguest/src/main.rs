@@ -12,9 +12,11 @@
 mod boot;
 mod io;
 
+use grove_testguest::bootparams::Idle;
 use grove_testguest::bootparams::{BootParams, Config, E820Entry, Mode, E820_MAX};
+use grove_testguest::pace;
 use grove_testguest::region::{self, Region, RegionError};
-use io::{inl, outb, rdtsc, Serial};
+use io::{inl, outb, outl, rdtsc, Serial};
 
 /// TSC frequency assumed when neither `tg.tsc_khz` nor CPUID gives one.
 const DEFAULT_TSC_KHZ: u64 = 2_500_000;
@@ -55,10 +57,13 @@ pub extern "C" fn rust_main(boot_params: u64) -> ! {
         Mode::Ready | Mode::Fork | Mode::Busy => {
             let region = region_or_fail(e820, &cfg);
             let tsc_khz = cfg.tsc_khz.or_else(io::tsc_khz_from_cpuid).unwrap_or(DEFAULT_TSC_KHZ);
+            // Only `auto` probes the port (a forced choice needs no read).
+            let probe = if cfg.idle == Idle::Auto { inl(io::IDLE) } else { 0 };
+            let idle_port = pace::use_idle_port(cfg.idle, cfg.mode, probe);
             if cfg.verbose {
                 print!(
                     "tg: mode={:?} region={} bytes in {} chunks seed={} tsc_khz={} t_us={} \
-                     identity={} generation={}\n",
+                     identity={} generation={} idle={} idle_us={}\n",
                     cfg.mode,
                     region.bytes(),
                     region.chunks().len(),
@@ -66,7 +71,9 @@ pub extern "C" fn rust_main(boot_params: u64) -> ! {
                     tsc_khz,
                     cfg.t_us,
                     inl(io::IDENTITY),
-                    inl(io::GENERATION)
+                    inl(io::GENERATION),
+                    if idle_port { "port" } else { "spin" },
+                    cfg.idle_us
                 );
                 print_region(&region);
             }
@@ -76,7 +83,8 @@ pub extern "C" fn rust_main(boot_params: u64) -> ! {
                 io::mmio_write8(addr, io::BOOT_TIMER_MAGIC);
             }
             Serial::write_bytes(b"READY\n");
-            t_loop(&region, cfg.mode, tsc_khz * cfg.t_us / 1000)
+            let t_us = if idle_port { cfg.idle_us } else { cfg.t_us };
+            t_loop(&region, cfg.mode, tsc_khz, tsc_khz * t_us / 1000, idle_port)
         }
     }
 }
@@ -100,9 +108,11 @@ fn print_region(region: &Region) {
 
 /// Prints `T` every `period` TSC ticks, forever. Fork mode checks the identity
 /// port before each `T`; busy mode dirties pages round robin while it waits.
+/// With `idle_port` the wait sleeps through grove-vmm's idle port (the rest of the
+/// period in whole µs, so the vCPU thread sleeps instead of spinning), else it spins.
 /// A TSC that jumps (pause, restore) yields one `T` at once, never a burst or a
 /// long wait.
-fn t_loop(region: &Region, mode: Mode, period: u64) -> ! {
+fn t_loop(region: &Region, mode: Mode, tsc_khz: u64, period: u64, idle_port: bool) -> ! {
     let mut last_id = 0u32;
     let mut pages = region.page_cursor();
     let mut counter = 0u64;
@@ -119,6 +129,11 @@ fn t_loop(region: &Region, mode: Mode, period: u64) -> ! {
                 if let Some(page) = pages.next(region) {
                     counter = counter.wrapping_add(1);
                     region::poke_page(page, counter);
+                }
+            } else if idle_port {
+                match pace::sleep_us(period - now.wrapping_sub(last), tsc_khz) {
+                    0 => core::hint::spin_loop(),
+                    us => outl(io::IDLE, us),
                 }
             } else {
                 core::hint::spin_loop();
