@@ -31,7 +31,7 @@ echo "== boot: the test guest says hello and resets (exit status 0)" >&2
 "$VMM" run --kernel "$GUEST" --cmdline "tg.mode=hello" --mem-mib 128
 
 echo "== boot a long-running sandbox (256 MiB, 64 MiB written) with a control socket" >&2
-"$VMM" run --kernel "$GUEST" --cmdline "tg.mode=fork tg.touch_mib=64" --mem-mib 256 \
+"$VMM" run --kernel "$GUEST" --cmdline "tg.mode=fork tg.touch_mib=64 tg.idle_us=1000" --mem-mib 256 \
   --api-sock "$WORK/parent.sock" --serial "$WORK/parent.out" 2>"$WORK/parent.err" &
 PIDS+=($!)
 wait_for "$WORK/parent.out" READY

@@ -13,7 +13,14 @@ mod vmm_driver;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: grove-bench <boot|snapshot|restore|fork|disk> [--json] [options]";
+const USAGE: &str = "usage: grove-bench <boot|snapshot|restore|fork|disk> [--json] [options]
+  boot     [--runs N] [--mem-mib M] [--touch-mib T] [--vcpus V]
+  snapshot [--runs N] [--sizes 256,1024,4096] [--busy-gaps-ms ...] [--storage-only]
+  restore  [--runs N] [--mem-mib M] [--touch-mib T] [--storage-only]
+  fork     [--runs N] [--children 1,4,16,64] [--mem-mode mmap|uffd] [--no-standby]
+           [--stop-children] [--spin]
+  disk     [--runs N] [--mib M]
+env: GROVE_VMM (grove-vmm binary), GROVE_TESTGUEST (test guest ELF), FIRECRACKER_BIN";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -22,6 +29,10 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     let rest = &args[1..];
+    if rest.iter().any(|a| a == "-h" || a == "--help") {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
     let result = match cmd.as_str() {
         "boot" => boot::run(rest),
         "snapshot" => snapshot::run_snapshot(rest),

@@ -1196,7 +1196,11 @@ pub fn run_fork(args: &[String]) -> Result<(), String> {
     let touch_mib: u64 = 64;
     let (vmm, guest) = drv::binaries()?;
     let mut cond = drv::Conditions::now(&vmm, &guest);
-    let cmdline = format!("tg.mode=ready tg.touch_mib={touch_mib}");
+    // Idle children sleep through grove-vmm's idle port between Ts, as idle Linux guests
+    // halt; `--spin` keeps the test guest busy-waiting instead (every child burns a core).
+    let spin = args.iter().any(|a| a == "--spin");
+    let idle = if spin { "tg.idle=spin" } else { "tg.idle=auto tg.idle_us=1000" };
+    let cmdline = format!("tg.mode=ready tg.touch_mib={touch_mib} {idle}");
     let setup = ForkSetup {
         vmm: &vmm,
         guest: &guest,
@@ -1230,10 +1234,17 @@ pub fn run_fork(args: &[String]) -> Result<(), String> {
              above {MANY_CHILDREN} get 1 run",
             cond.host_cpus
         )
+    } else if spin {
+        format!(
+            "--spin: every child of a ready-mode guest busy-waits between Ts: N children + the \
+             parent share {} host CPUs; counts above {MANY_CHILDREN} get 1 run",
+            cond.host_cpus
+        )
     } else {
         format!(
-            "every child of a ready-mode guest spins (busy-waits between Ts): N children + the \
-             parent share {} host CPUs; counts above {MANY_CHILDREN} get 1 run",
+            "guests idle through grove-vmm's idle port between Ts (a T per ~1 ms, about a tenth \
+             of a core each here); N children + the parent share {} host CPUs; counts above \
+             {MANY_CHILDREN} get 1 run",
             cond.host_cpus
         )
     };

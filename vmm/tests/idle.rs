@@ -242,8 +242,10 @@ fn tmp() -> tempfile::TempDir {
 /// (CPU seconds the VMM used over ~1 s, `T`s printed meanwhile).
 fn ready_guest_cpu(idle: &str, dir: &Path) -> (f64, usize) {
     let sock = dir.join(format!("{idle}.sock"));
-    let mut vm =
-        Vmm::boot(&format!("tg.mode=ready tg.touch_mib=4 tg.verbose=1 tg.idle={idle}"), &sock);
+    let mut vm = Vmm::boot(
+        &format!("tg.mode=ready tg.touch_mib=4 tg.verbose=1 tg.idle={idle} tg.idle_us=1000"),
+        &sock,
+    );
     vm.wait_for("READY", |s| s.contains("READY"));
     let want = format!("idle={idle}");
     assert!(vm.stdout().contains(&want), "verbose line lacks {want}\n{}", vm.dump());

@@ -123,7 +123,8 @@ pub struct Config {
     /// How ready and fork modes wait between `T`s (`tg.idle`; busy mode always spins).
     pub idle: Idle,
     /// Interval between `T`s in microseconds when sleeping through the idle port
-    /// (`tg.idle_us`, 1..=1000, default 1000).
+    /// (`tg.idle_us`, 1..=1000, default 50 so that `T` keeps the
+    /// contract's pace of at least one per 0.1 ms; idle-fleet scenarios ask for 1000).
     pub idle_us: u64,
 }
 
@@ -138,7 +139,7 @@ impl Default for Config {
             verbose: false,
             mmio_boot_timer: None,
             idle: Idle::Auto,
-            idle_us: 1000,
+            idle_us: 50,
         }
     }
 }
@@ -271,7 +272,7 @@ mod tests {
         assert!(c.verbose);
         assert_eq!(c.mmio_boot_timer, Some(0xc000_0000));
         assert_eq!(c.idle, Idle::Auto);
-        assert_eq!(c.idle_us, 1000);
+        assert_eq!(c.idle_us, 50);
         assert_eq!(Config::parse(b"tg.idle_us=40").unwrap().idle_us, 40);
         for (v, idle) in [("auto", Idle::Auto), ("spin", Idle::Spin), ("port", Idle::Port)] {
             let c = Config::parse(format!("tg.mode=ready tg.idle={v}").as_bytes()).unwrap();
