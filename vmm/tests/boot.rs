@@ -7,63 +7,23 @@
 //! No timing assertions: the deadlines below only keep a broken VMM from hanging
 //! the test run, and every spawned VMM is killed (by PID) when its guard drops.
 
+mod common;
+
 use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdout, ExitStatus};
 use std::sync::mpsc::{self, Receiver};
-use std::sync::OnceLock;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-const VMM: &str = env!("CARGO_BIN_EXE_grove-vmm");
+use common::{
+    guest, kvm_available, repo_root, spawn_vmm, FNV_OFFSET, FNV_PRIME, MIB, PATTERN_MUL,
+    REGION_START,
+};
+
 /// Hang guard for one VM run (not a timing assertion).
 const DEADLINE: Duration = Duration::from_secs(300);
 
-/// The contract's pattern and checksum (vmm/testguest/README.md).
-const PATTERN_MUL: u64 = 0x9E37_79B9_7F4A_7C15;
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-const FNV_PRIME: u64 = 0x100_0000_01b3;
-const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
-const REGION_START: u64 = 16 * MIB;
-
-fn kvm_available() -> bool {
-    use std::os::unix::fs::FileTypeExt;
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .and_then(|f| f.metadata())
-        .is_ok_and(|m| m.file_type().is_char_device());
-    if !ok {
-        println!("skipped: /dev/kvm not available");
-    }
-    ok
-}
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("vmm/ has a parent").to_path_buf()
-}
-
-/// The test guest ELF: `GROVE_TESTGUEST`, else built by scripts/build-testguest.sh.
-fn guest() -> &'static Path {
-    static GUEST: OnceLock<PathBuf> = OnceLock::new();
-    GUEST.get_or_init(|| {
-        if let Some(p) = std::env::var_os("GROVE_TESTGUEST").filter(|p| !p.is_empty()) {
-            return PathBuf::from(p);
-        }
-        let out = Command::new(repo_root().join("scripts/build-testguest.sh"))
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run scripts/build-testguest.sh");
-        assert!(out.status.success(), "scripts/build-testguest.sh failed: {}", out.status);
-        let stdout = String::from_utf8(out.stdout).expect("utf-8 path");
-        let last = stdout.lines().last().expect("build-testguest.sh printed a path").trim();
-        let path = PathBuf::from(last);
-        assert!(path.is_absolute() && path.is_file(), "not a built guest: {last}");
-        path
-    })
-}
 
 /// Kills the VMM (by PID) and reaps it when dropped, whatever the test did.
 struct VmmGuard {
@@ -72,14 +32,7 @@ struct VmmGuard {
 
 impl VmmGuard {
     fn spawn(args: &[&str]) -> Self {
-        let child = Command::new(VMM)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn grove-vmm");
-        Self { child }
+        Self { child: spawn_vmm(args) }
     }
 
     /// Waits for the exit, killing the VMM at the hang-guard deadline.
@@ -156,7 +109,7 @@ fn run(args: &[&str]) -> Outcome {
 
 /// Boots the test guest with `cmdline` and extra VMM flags.
 fn boot(cmdline: &str, extra: &[&str]) -> Outcome {
-    let kernel = guest().to_str().expect("utf-8 guest path").to_owned();
+    let kernel = guest().to_owned();
     let mut args = vec!["run", "--kernel", &kernel, "--cmdline", cmdline];
     args.extend_from_slice(extra);
     run(&args)
@@ -341,7 +294,7 @@ mod kvm {
         }
         // busy mode is ready mode that also dirties pages between Ts.
         for mode in ["ready", "busy"] {
-            let kernel = guest().to_str().expect("utf-8 guest path").to_owned();
+            let kernel = guest().to_owned();
             let cmdline = format!("tg.mode={mode} tg.touch_mib=16");
             let mut vm = VmmGuard::spawn(&[
                 "run",
@@ -393,7 +346,7 @@ mod kvm {
             return;
         }
         // On a fresh boot the identity port reads 0, so fork mode prints no ID line.
-        let kernel = guest().to_str().expect("utf-8 guest path").to_owned();
+        let kernel = guest().to_owned();
         let mut vm = VmmGuard::spawn(&[
             "run",
             "--kernel",
@@ -438,7 +391,7 @@ mod kvm {
         if !kvm_available() {
             return;
         }
-        let kernel = guest().to_str().expect("utf-8 guest path").to_owned();
+        let kernel = guest().to_owned();
         for mem in ["0", "1"] {
             let o = run(&["run", "--kernel", &kernel, "--mem-mib", mem]);
             let line = one_line_error(&o, &format!("--mem-mib {mem}"));
@@ -448,7 +401,7 @@ mod kvm {
 
     #[test]
     fn bad_flags_are_one_line_errors() {
-        let kernel = guest().to_str().expect("utf-8 guest path").to_owned();
+        let kernel = guest().to_owned();
         let cases: [&[&str]; 5] = [
             &["run", "--kernel", &kernel, "--bogus-flag"],
             &["run"],
