@@ -41,8 +41,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use grove_storage::memory::{
-    restore_mmap, write_diff, write_full, Chain, LayerInfo, MmapOptions, Prefetch, RegionMemory,
-    RestoredRegion, UffdMemory, UffdOptions, WorkingSet, WriteOptions,
+    restore_mmap, write_diff, write_full, Chain, LayerInfo, Mapping, MmapOptions, Prefetch,
+    RegionMemory, RestoredRegion, UffdMemory, UffdOptions, WorkingSet, WriteOptions,
 };
 use serde::Serialize;
 
@@ -154,55 +154,32 @@ struct Mem {
     regions: Vec<(u64, Anon)>,
 }
 
-/// Private anonymous memory, page aligned, lazily allocated (like the VMM's RAM).
-struct Anon {
-    ptr: *mut u8,
-    len: usize,
-}
+/// Private anonymous memory, page aligned, lazily allocated (like the VMM's RAM): the
+/// storage crate's own reservation, seen as bytes.
+struct Anon(Mapping);
 
 impl Anon {
     fn new(len: usize) -> Result<Self, String> {
-        // SAFETY: a fresh mapping at an address the kernel picks.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(format!("mmap {len} bytes: {}", std::io::Error::last_os_error()));
-        }
-        Ok(Self { ptr: p.cast(), len })
+        Mapping::anonymous(len).map(Self).map_err(|e| format!("mmap {len} bytes: {e}"))
     }
 
     fn len(&self) -> usize {
-        self.len
+        self.0.len()
     }
 }
 
 impl std::ops::Deref for Anon {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        // SAFETY: `ptr` maps `len` readable bytes for the life of `self`.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+        // SAFETY: the mapping holds `len` readable bytes for the life of `self`.
+        unsafe { std::slice::from_raw_parts(self.0.addr() as *const u8, self.0.len()) }
     }
 }
 
 impl std::ops::DerefMut for Anon {
     fn deref_mut(&mut self) -> &mut [u8] {
         // SAFETY: as above, and `&mut self` makes the access exclusive.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-}
-
-impl Drop for Anon {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping this object owns; no slice outlives it.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        unsafe { self.0.slice_mut(0, self.0.len()) }
     }
 }
 

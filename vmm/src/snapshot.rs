@@ -384,24 +384,11 @@ fn map_chain_fixed(ram: &GuestRam, chain: &Chain) -> Result<usize, SnapshotError
     let firsts = layout.region_first_pages();
     let map = |addr: *mut u8, len: u64, fd: i32, off: u64| -> Result<(), SnapshotError> {
         let ulen = usize::try_from(len).map_err(|_| MemoryError::BadSize(len))?;
-        let off = libc::off_t::try_from(off).map_err(|_| MemoryError::BadSize(off))?;
         // SAFETY: `addr..addr+len` lies inside a mapping `ram` owns (checked by the callers'
-        // arithmetic against the region length); MAP_FIXED replaces pages of that mapping
-        // only, and no Rust reference into guest memory is alive (vCPUs not started).
-        let r = unsafe {
-            libc::mmap(
-                addr.cast(),
-                ulen,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                fd,
-                off,
-            )
-        };
-        if r == libc::MAP_FAILED {
-            return Err(MemoryError::Mmap { len, source: std::io::Error::last_os_error() }.into());
-        }
-        Ok(())
+        // arithmetic against the region length), and no Rust reference into guest memory is
+        // alive (vCPUs not started).
+        unsafe { grove_storage::memory::map_file_fixed(addr, ulen, fd, off) }
+            .map_err(|source| MemoryError::Mmap { len, source }.into())
     };
     let layers = chain.layers();
     let mut count = 0;

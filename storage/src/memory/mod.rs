@@ -71,7 +71,7 @@ pub use chain::{Chain, Segment, LAYER_EXT};
 pub use format::{LayerHeader, LayerKind, Run};
 pub use layer::{Layer, LayerInfo};
 pub use mmap::{plan_mmap, restore_mmap, MappedMemory, MmapOptions, MmapPlan, RestoreError};
-pub use sys::RestoredRegion;
+pub use sys::{map_file_fixed, Mapping, RestoredRegion};
 pub use uffd::{PageServerError, PageServerStats, Prefetch, UffdMemory, UffdOptions};
 pub use working_set::WorkingSet;
 pub use writer::{sync_layer, write_diff, write_full, RegionMemory, WriteOptions};

@@ -69,25 +69,9 @@ impl Mapping {
         if offset.checked_add(len).is_none_or(|e| e > self.len) {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "mapping outside region"));
         }
-        let off = libc::off_t::try_from(file_off)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file offset"))?;
-        let dst = (self.addr + offset) as *mut libc::c_void;
-        // SAFETY: MAP_FIXED replaces pages inside our own reservation only (bounds
-        // checked above); nobody holds references into guest memory while it is built.
-        let p = unsafe {
-            libc::mmap(
-                dst,
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                fd,
-                off,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        // SAFETY: the range is inside our own reservation (bounds checked above); nobody
+        // holds references into guest memory while it is built.
+        unsafe { map_file_fixed((self.addr + offset) as *mut u8, len, fd, file_off) }
     }
 
     /// Makes the whole mapping inaccessible.
@@ -112,6 +96,11 @@ impl Mapping {
         self.len
     }
 
+    /// Whether the mapping is empty (never, for a successful `anonymous`).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     /// The bytes at `offset .. offset + len` as a mutable slice.
     ///
     /// # Safety
@@ -123,6 +112,34 @@ impl Mapping {
         // SAFETY: in bounds and exclusive by the caller's contract.
         unsafe { std::slice::from_raw_parts_mut((self.addr + offset) as *mut u8, len) }
     }
+}
+
+/// Maps `len` bytes of `fd` at `file_off`, private copy-on-write, at `dst`, replacing the
+/// pages there (`MAP_FIXED`). Shared by the restore modes here and by the VMM's standby
+/// restore, which maps layers over memory it reserved itself.
+///
+/// # Safety
+/// `dst .. dst + len` must lie inside a mapping the caller owns, and no reference into that
+/// range may be alive (its contents change under it).
+pub unsafe fn map_file_fixed(dst: *mut u8, len: usize, fd: RawFd, file_off: u64) -> io::Result<()> {
+    let off = libc::off_t::try_from(file_off)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file offset"))?;
+    // SAFETY: MAP_FIXED replaces pages only inside the caller's own mapping, with no live
+    // references into it (this function's contract).
+    let p = unsafe {
+        libc::mmap(
+            dst.cast(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            fd,
+            off,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 impl Drop for Mapping {
