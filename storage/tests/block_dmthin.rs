@@ -5,11 +5,14 @@
 // An integration-test crate: every item in it is test-only.
 #![allow(clippy::tests_outside_test_module)]
 
+#[path = "../../testsupport/skip.rs"]
+mod skip;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use grove_storage::block::dmthin::{attach_loop, detach_loop, dm_available, DmThinStore};
-use grove_storage::block::{conformance, BlockDevice, BlockStore};
+use grove_storage::block::{conformance, BlockDevice, BlockIo, BlockStore};
 use grove_storage::catalog::Catalog;
 
 /// Loop devices detached on drop.
@@ -25,7 +28,7 @@ impl Drop for Loops {
 
 fn pool(name: &str) -> Option<(tempfile::TempDir, Loops, DmThinStore)> {
     if let Err(reason) = dm_available() {
-        println!("skipped: {reason}");
+        skip::missing("dm", &reason);
         return None;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -38,7 +41,7 @@ fn pool(name: &str) -> Option<(tempfile::TempDir, Loops, DmThinStore)> {
         match attach_loop(f) {
             Ok(l) => loops.0.push(l),
             Err(e) => {
-                println!("skipped: cannot attach a loop device: {e}");
+                skip::missing("dm", &format!("cannot attach a loop device: {e}"));
                 return None;
             }
         }
@@ -48,7 +51,7 @@ fn pool(name: &str) -> Option<(tempfile::TempDir, Loops, DmThinStore)> {
     match DmThinStore::create(&prefix, &loops.0[0], &loops.0[1], catalog) {
         Ok(s) => Some((dir, loops, s)),
         Err(e) => {
-            println!("skipped: cannot create a thin pool here: {e}");
+            skip::missing("dm", &format!("cannot create a thin pool here: {e}"));
             None
         }
     }
@@ -90,4 +93,39 @@ fn dm_detection_reports_a_reason() {
             println!("skipped: {reason}");
         }
     }
+}
+
+/// Active device-mapper devices whose name starts with `prefix` (from sysfs).
+fn dm_devices(prefix: &str) -> usize {
+    std::fs::read_dir("/sys/block")
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| {
+                    std::fs::read_to_string(e.path().join("dm/name"))
+                        .is_ok_and(|n| n.trim().starts_with(prefix))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn dmthin_release_while_open_deletes_the_thin_when_the_disk_drops() {
+    let Some((_dir, _loops, store)) = pool("rel") else { return };
+    let prefix = format!("grove-test-rel-{}-thin-", std::process::id());
+    let base = store.create_base(conformance::DISK, None).unwrap();
+    let d = store.clone_disk(base).unwrap();
+    d.write(0, &[5; 4096]).unwrap();
+    let active = dm_devices(&prefix);
+    assert!(active >= 1, "the disk's thin device is active");
+    // Released while the disk holds its device open: no EBUSY, the disk keeps working.
+    store.release(d.layer()).unwrap();
+    let mut b = vec![0u8; 4096];
+    d.read(0, &mut b).unwrap();
+    assert_eq!(b, vec![5; 4096]);
+    assert_eq!(dm_devices(&prefix), active, "still active while open");
+    drop(d);
+    assert_eq!(dm_devices(&prefix), active - 1, "removed once the disk is dropped");
+    store.release(base).unwrap();
+    store.teardown().unwrap();
 }

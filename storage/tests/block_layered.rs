@@ -5,6 +5,9 @@
 // An integration-test crate: every item in it is test-only.
 #![allow(clippy::tests_outside_test_module)]
 
+#[path = "../../testsupport/skip.rs"]
+mod skip;
+
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,7 +15,9 @@ use std::sync::Arc;
 
 use grove_storage::block::layered::index::{Header, IndexError};
 use grove_storage::block::layered::LayeredStore;
-use grove_storage::block::{conformance, BlockDevice, BlockError, BlockStore, SECTOR_SIZE};
+use grove_storage::block::{
+    conformance, BlockDevice, BlockError, BlockIo, BlockStore, SECTOR_SIZE,
+};
 
 fn store() -> (tempfile::TempDir, LayeredStore) {
     let dir = tempfile::tempdir().unwrap();
@@ -347,7 +352,7 @@ fn full_disk_returns_enospc_and_keeps_earlier_data() {
     let fs = match Tmpfs::mount("24m") {
         Ok(fs) => fs,
         Err(reason) => {
-            println!("skipped: {reason}");
+            skip::missing("root", &reason);
             return;
         }
     };

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use grove_storage::block::layered::LayeredStore;
-use grove_storage::block::{BlockDevice, BlockError, BlockStore, LayerId, SECTOR_SIZE};
+use grove_storage::block::{BlockDevice, BlockError, BlockIo, BlockStore, LayerId, SECTOR_SIZE};
 use grove_storage::catalog::LayerKind;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -204,11 +204,12 @@ fn crash_at(point: &str, op: Op, spares: bool) {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "failpoints"),
+    ignore = "needs --features failpoints (scripts/test.sh runs it so)"
+)]
 fn crash_at_every_failpoint_then_recover() {
-    if !fail::has_failpoints() {
-        println!("skipped: failpoints not compiled in (run with --features failpoints)");
-        return;
-    }
+    assert!(fail::has_failpoints(), "the failpoints feature is on but fail has none compiled in");
     let _scenario = fail::FailScenario::setup();
     for spares in [false, true] {
         for (point, op) in POINTS {

@@ -4,6 +4,9 @@
 // An integration-test crate: every item in it is test-only.
 #![allow(clippy::tests_outside_test_module)]
 
+#[path = "../../testsupport/skip.rs"]
+mod skip;
+
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -65,11 +68,8 @@ impl Guest {
     }
 
     fn full(&mut self, path: &Path) -> LayerInfo {
-        let regions: Vec<RegionMemory<'_>> = self
-            .regions
-            .iter()
-            .map(|(g, m)| RegionMemory { gpa: *g, mem: m, dirty: None })
-            .collect();
+        let regions: Vec<RegionMemory<'_>> =
+            self.regions.iter().map(|(g, m)| RegionMemory::from_slice(*g, m, None)).collect();
         let info = write_full(path, &regions, &WriteOptions { fsync: false, ..Default::default() })
             .unwrap();
         self.clear_dirty();
@@ -81,7 +81,7 @@ impl Guest {
             .regions
             .iter()
             .zip(&self.dirty)
-            .map(|((g, m), d)| RegionMemory { gpa: *g, mem: m, dirty: Some(d) })
+            .map(|((g, m), d)| RegionMemory::from_slice(*g, m, Some(d)))
             .collect();
         let info = write_diff(
             path,
@@ -127,12 +127,13 @@ fn uffd_available() -> bool {
     match UffdMemory::start(chain, &UffdOptions::default()) {
         Ok(_) => true,
         // Only a missing permission or kernel feature skips; anything else is a bug.
-        Err(PageServerError::Uffd {
-            op: "create",
-            source:
-                e @ (userfaultfd::Error::SystemError(_) | userfaultfd::Error::OpenDevUserfaultfd(_)),
-        }) => {
-            println!("skipped: userfaultfd unavailable: {e:?}");
+        Err(PageServerError::Uffd { op: "create", source: e })
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EPERM | libc::EACCES | libc::ENOSYS | libc::ENOENT)
+            ) =>
+        {
+            skip::missing("uffd", &format!("userfaultfd unavailable: {e:?}"));
             false
         }
         Err(e) => panic!("uffd restore failed: {e} ({:?})", std::error::Error::source(&e)),
@@ -351,7 +352,7 @@ fn corrupted_truncated_and_mismatched_files_fail_clearly() {
         .regions
         .iter()
         .zip(&g3.dirty)
-        .map(|((gpa, m), dm)| RegionMemory { gpa: *gpa, mem: m, dirty: Some(dm) })
+        .map(|((gpa, m), dm)| RegionMemory::from_slice(*gpa, m, Some(dm)))
         .collect();
     let mut fake_parent = base.clone();
     fake_parent.layout = MemoryLayout::new(4096, vec![Region { gpa: 0, len: 8 * 4096 }]).unwrap();
@@ -373,7 +374,7 @@ fn corrupted_truncated_and_mismatched_files_fail_clearly() {
     let mut g4 = Guest::new(&[16]);
     g4.write(2, 5);
     let regions: Vec<RegionMemory<'_>> =
-        g4.regions.iter().map(|(gpa, m)| RegionMemory { gpa: *gpa, mem: m, dirty: None }).collect();
+        g4.regions.iter().map(|(gpa, m)| RegionMemory::from_slice(*gpa, m, None)).collect();
     let big = write_full(
         dir.path().join("big.mlayer"),
         &regions,
@@ -396,7 +397,7 @@ fn corrupted_truncated_and_mismatched_files_fail_clearly() {
 
     // A diff layer without bitmaps, or with a short one, is refused.
     let regions: Vec<RegionMemory<'_>> =
-        g4.regions.iter().map(|(gpa, m)| RegionMemory { gpa: *gpa, mem: m, dirty: None }).collect();
+        g4.regions.iter().map(|(gpa, m)| RegionMemory::from_slice(*gpa, m, None)).collect();
     assert!(matches!(
         write_diff(dir.path().join("y.mlayer"), &base, &regions, &WriteOptions::default()),
         Err(LayerError::Input(_))
@@ -637,7 +638,7 @@ fn full_layers_of_anonymous_memory_skip_unpopulated_pages_without_reading_them()
     let r = unsafe { libc::madvise(p.cast::<u8>().add(900 * PS).cast(), PS, libc::MADV_DONTNEED) };
     assert_eq!(r, 0);
     let dir = tempfile::tempdir().unwrap();
-    let regions = [RegionMemory { gpa: 0, mem, dirty: None }];
+    let regions = [RegionMemory::from_slice(0, mem, None)];
     let skip = WriteOptions { fsync: false, skip_unpopulated: true, ..WriteOptions::default() };
     let a = write_full(dir.path().join("a.mlayer"), &regions, &skip).unwrap();
     assert_eq!(a.present_pages, 4);
@@ -665,7 +666,7 @@ fn a_failed_write_leaves_neither_a_layer_nor_a_temporary_file() {
     let target = dir.path().join("0000.mlayer");
     std::fs::create_dir(&target).unwrap();
     let regions: Vec<RegionMemory<'_>> =
-        g.regions.iter().map(|(gpa, m)| RegionMemory { gpa: *gpa, mem: m, dirty: None }).collect();
+        g.regions.iter().map(|(gpa, m)| RegionMemory::from_slice(*gpa, m, None)).collect();
     let e = write_full(&target, &regions, &WriteOptions::default()).unwrap_err();
     assert!(matches!(e, LayerError::Io { op: "rename", .. }), "{e}");
     let names: Vec<String> = std::fs::read_dir(dir.path())

@@ -31,10 +31,23 @@ use devicemapper::{
     LinearTargetParams, Sectors, TargetLine, ThinDev, ThinDevId, ThinPoolDev, ThinPoolStatus, DM,
 };
 
-use super::{check_range, BlockDevice, BlockError, BlockStore, LayerId, Usage, SECTOR_SIZE};
+use super::iov::Bufs;
+use super::{
+    check_range, check_sectors, BitmapSlice, BlockDevice, BlockError, BlockIo, BlockStore, LayerId,
+    Usage, VolatileSlice, SECTOR_SIZE,
+};
 use crate::catalog::{Catalog, LayerKind, LayerRecord};
 
 const INTENT: &str = "thin-create";
+/// Catalog intent: thin `t` was released while a disk still had its device open; it is
+/// deleted when that disk is dropped, or by the recovery pass after a crash.
+const DELETE_INTENT: &str = "thin-delete";
+
+/// Whether a device-mapper error is EBUSY (a device still open).
+fn is_busy(e: &devicemapper::DmError) -> bool {
+    matches!(e, devicemapper::DmError::Core(devicemapper::errors::Error::Ioctl(_, _, _, errno))
+        if **errno as i32 == libc::EBUSY)
+}
 /// Thin ids are 24-bit in the kernel.
 const MAX_THIN_ID: u64 = (1 << 24) - 1;
 /// Pool data block size: 64 KiB (the kernel minimum).
@@ -105,6 +118,8 @@ struct Inner {
     pool: Mutex<ThinPoolDev>,
     prefix: String,
     catalog: Arc<Catalog>,
+    /// Released thins whose device a live disk still holds open, by device name.
+    doomed: Mutex<std::collections::HashMap<String, u32>>,
 }
 
 /// A store of thin volumes in one thin pool.
@@ -160,14 +175,25 @@ impl Inner {
         devicemapper::message(&self.dm, &*pool, msg).map_err(dm_err)
     }
 
-    /// Deactivates (if active) and deletes thin `t` from the pool.
+    /// Deactivates (if active) and deletes thin `t` from the pool. A device still open (a
+    /// live disk on a released layer) cannot be removed: the thin is marked (catalog intent
+    /// plus `doomed`) and deleted when that disk is dropped.
     fn delete_thin(&self, t: u32) -> Result<(), BlockError> {
         let name = self.name(t);
         let dm_name = DmName::new(&name).map_err(dm_err)?;
         if devicemapper::device_exists(&self.dm, dm_name).map_err(dm_err)? {
-            self.dm
-                .device_remove(&devicemapper::DevId::Name(dm_name), DmOptions::default())
-                .map_err(dm_err)?;
+            match self.dm.device_remove(&devicemapper::DevId::Name(dm_name), DmOptions::default()) {
+                Ok(_) => {}
+                Err(e) if is_busy(&e) => {
+                    self.catalog.add_intent(DELETE_INTENT, u64::from(t))?;
+                    self.doomed
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .insert(name, t);
+                    return Ok(());
+                }
+                Err(e) => return Err(dm_err(e)),
+            }
         }
         self.message(&format!("delete {t}"))
     }
@@ -252,8 +278,13 @@ impl DmThinStore {
             )
         }
         .map_err(dm_err)?;
-        let inner =
-            Arc::new(Inner { dm, pool: Mutex::new(pool), prefix: prefix.to_string(), catalog });
+        let inner = Arc::new(Inner {
+            dm,
+            pool: Mutex::new(pool),
+            prefix: prefix.to_string(),
+            catalog,
+            doomed: Mutex::default(),
+        });
         // Recovery: thins created without a committed record are deleted.
         let named: Vec<u32> = inner
             .catalog
@@ -271,6 +302,14 @@ impl DmThinStore {
                 let _ = inner.delete_thin(t32);
             }
             inner.catalog.clear_intent(INTENT, t)?;
+        }
+        // Thins released while open, then a crash: their disks are gone now.
+        for t in inner.catalog.intents(DELETE_INTENT)? {
+            let t32 = u32::try_from(t).unwrap_or(u32::MAX);
+            if !named.contains(&t32) {
+                let _ = inner.delete_thin(t32);
+            }
+            inner.catalog.clear_intent(DELETE_INTENT, t)?;
         }
         Ok(Self { inner })
     }
@@ -311,6 +350,37 @@ impl DmThinStore {
         }
         let mut pool = inner.pool.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         pool.teardown(&inner.dm).map_err(dm_err)
+    }
+}
+
+impl Drop for DmThinDisk {
+    /// Closes the device; if its layer was released meanwhile, removes it and deletes the thin.
+    fn drop(&mut self) {
+        let st = self.state.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let name = st.1.name().to_string();
+        let doomed = self
+            .store
+            .doomed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&name);
+        let Some(t) = doomed else { return };
+        // Close our descriptor first (the device cannot be removed while open).
+        match File::open("/dev/null") {
+            Ok(null) => drop(std::mem::replace(&mut st.2, null)),
+            Err(_) => return,
+        }
+        // Best effort: what fails here is left to the recovery pass (the intent stays).
+        let deleted = self.store.delete_thin(t).is_ok()
+            && !self
+                .store
+                .doomed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .contains_key(&name);
+        if deleted {
+            let _ = self.store.catalog.clear_intent(DELETE_INTENT, u64::from(t));
+        }
     }
 }
 
@@ -463,21 +533,31 @@ fn zero_out(f: &File, off: u64, len: u64) -> Result<(), BlockError> {
     }
 }
 
-impl BlockDevice for DmThinDisk {
+impl BlockIo for DmThinDisk {
     fn size(&self) -> u64 {
         self.size
     }
 
-    fn read(&self, sector: u64, buf: &mut [u8]) -> Result<(), BlockError> {
-        let off = check_range(sector, buf.len() as u64, self.size)?;
+    fn read_vectored<B: BitmapSlice>(
+        &self,
+        sector: u64,
+        bufs: &[VolatileSlice<'_, B>],
+    ) -> Result<(), BlockError> {
+        let bufs = Bufs::new(bufs);
+        let off = check_range(sector, bufs.len(), self.size)?;
         let st = self.state.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        st.2.read_exact_at(buf, off).map_err(|e| BlockError::io("read thin", e))
+        bufs.read_from(&st.2, off, 0, bufs.len()).map_err(|e| BlockError::io("read thin", e))
     }
 
-    fn write(&self, sector: u64, buf: &[u8]) -> Result<(), BlockError> {
-        let off = check_range(sector, buf.len() as u64, self.size)?;
+    fn write_vectored<B: BitmapSlice>(
+        &self,
+        sector: u64,
+        bufs: &[VolatileSlice<'_, B>],
+    ) -> Result<(), BlockError> {
+        let bufs = Bufs::new(bufs);
+        let off = check_range(sector, bufs.len(), self.size)?;
         let st = self.state.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        st.2.write_all_at(buf, off).map_err(|e| BlockError::io("write thin", e))
+        bufs.write_to(&st.2, off, 0, bufs.len()).map_err(|e| BlockError::io("write thin", e))
     }
 
     fn flush(&self) -> Result<(), BlockError> {
@@ -490,16 +570,13 @@ impl BlockDevice for DmThinDisk {
     }
 
     fn write_zeroes(&self, sector: u64, sectors: u64) -> Result<(), BlockError> {
-        let len = sectors.checked_mul(SECTOR_SIZE).ok_or(BlockError::OutOfRange {
-            sector,
-            len: u64::MAX,
-            size: self.size,
-        })?;
-        let off = check_range(sector, len, self.size)?;
+        let (off, len) = check_sectors(sector, sectors, self.size)?;
         let st = self.state.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         zero_out(&st.2, off, len)
     }
+}
 
+impl BlockDevice for DmThinDisk {
     fn layer(&self) -> LayerId {
         self.state.read().unwrap_or_else(std::sync::PoisonError::into_inner).0
     }

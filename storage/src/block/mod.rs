@@ -1,10 +1,15 @@
 //! The block-store API and its backends.
 //!
-//! A virtio-blk device calls a [`BlockDevice`] from its I/O thread: reads and writes
-//! at sector offsets, flush, discard, write-zeroes, size, and `snapshot` (freeze the
-//! current writable layer and continue on a new one). A [`BlockStore`] owns the
-//! layers: it imports base images, clones writable disks over frozen chains,
-//! flattens chains and collects layers that nothing refers to.
+//! The I/O part lives in the `grove-block` crate (no catalog, no device-mapper: the VMM
+//! links it alone) and is re-exported here: [`BlockIo`] (reads and writes at sector
+//! offsets, scatter-gather over vm-memory [`VolatileSlice`]s so a virtio-blk request is
+//! served without a bounce buffer, flush, discard, write-zeroes, size), the chunk
+//! [`index`](layered::index) and the layer chains ([`chain`]).
+//!
+//! A [`BlockDevice`] is one writable disk of a store: its I/O plus `layer` and `snapshot`
+//! (freeze the current writable layer and continue on a new one). A [`BlockStore`] owns the
+//! layers: it imports base images, clones writable disks over frozen chains, flattens
+//! chains and collects layers that nothing refers to.
 //!
 //! Backends:
 //! - [`layered`]: the default, a chain of sparse files with a crash-safe chunk index
@@ -21,88 +26,24 @@ pub mod layered;
 
 use std::path::Path;
 
-/// Size of a sector, the unit of every offset in this API.
-pub const SECTOR_SIZE: u64 = 512;
+pub use grove_block::{
+    chain, check_range, check_sectors, iov, BitmapSlice, BlockError, BlockIo, LayerId,
+    VolatileSlice, SECTOR_SIZE,
+};
 
-/// A layer, a thin volume or a disk, named by the store that made it.
-pub type LayerId = u64;
-
-/// Errors of the block store and its backends.
-#[derive(Debug, thiserror::Error)]
-pub enum BlockError {
-    /// An I/O call on a layer file or device failed.
-    #[error("{op} failed")]
-    Io {
-        op: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-    /// The request reaches past the end of the disk or is not sector-sized.
-    #[error("request out of range: sector {sector}, {len} bytes, disk of {size} bytes")]
-    OutOfRange { sector: u64, len: u64, size: u64 },
-    /// The request is malformed (unaligned length, zero size, bad chunk size...).
-    #[error("invalid request: {0}")]
-    Invalid(String),
-    /// The disk or filesystem is full; data written before is intact.
-    #[error("no space left on the device")]
-    NoSpace(#[source] std::io::Error),
-    /// The layer is not known to the store.
-    #[error("unknown layer {0}")]
-    UnknownLayer(LayerId),
-    /// The operation needs a frozen layer (or a writable one) and got the other.
-    #[error("layer {0} is in the wrong state: {1}")]
-    WrongState(LayerId, &'static str),
-    /// An index or header file is corrupt or truncated.
-    #[error("layer {layer} index {path}")]
-    Index {
-        layer: LayerId,
-        path: String,
-        #[source]
-        source: layered::index::IndexError,
-    },
-    /// The catalog failed.
-    #[error("catalog")]
-    Catalog(#[from] crate::catalog::CatalogError),
-    /// The device-mapper backend failed.
-    #[error("device-mapper: {0}")]
-    DeviceMapper(String),
-    /// The backend cannot run on this host.
-    #[error("unsupported here: {0}")]
-    Unsupported(String),
-    /// A failpoint fired (crash-consistency tests only).
-    #[error("failpoint {0}")]
-    Failpoint(String),
-}
-
-impl BlockError {
-    /// Wraps an I/O error, mapping ENOSPC and EDQUOT to [`BlockError::NoSpace`].
-    pub fn io(op: &'static str, source: std::io::Error) -> Self {
-        match source.raw_os_error() {
-            Some(libc::ENOSPC | libc::EDQUOT) => BlockError::NoSpace(source),
-            _ => BlockError::Io { op, source },
-        }
+impl From<crate::catalog::CatalogError> for BlockError {
+    fn from(e: crate::catalog::CatalogError) -> Self {
+        BlockError::Catalog(Box::new(e))
     }
 }
 
-/// One writable disk, as seen by a virtio-blk I/O thread.
+/// One writable disk of a store, as seen by a virtio-blk I/O thread: its I/O
+/// ([`BlockIo`]) plus the layer it writes and snapshots.
 ///
-/// Offsets are in sectors of [`SECTOR_SIZE`] bytes; buffer lengths are multiples of
-/// it. Every method takes `&self`: reads may run concurrently with each other, with
+/// Every method takes `&self`: reads may run concurrently with each other, with
 /// writes, and with a snapshot (which waits for in-flight requests and briefly
 /// holds new ones back).
-pub trait BlockDevice: Send + Sync {
-    /// Size of the disk in bytes (a multiple of [`SECTOR_SIZE`]).
-    fn size(&self) -> u64;
-    /// Reads `buf.len()` bytes starting at `sector`.
-    fn read(&self, sector: u64, buf: &mut [u8]) -> Result<(), BlockError>;
-    /// Writes `buf` starting at `sector`. Durable after the next [`flush`](Self::flush).
-    fn write(&self, sector: u64, buf: &[u8]) -> Result<(), BlockError>;
-    /// Makes every completed write durable.
-    fn flush(&self) -> Result<(), BlockError>;
-    /// Discards `sectors` sectors; they read back as zeroes afterwards.
-    fn discard(&self, sector: u64, sectors: u64) -> Result<(), BlockError>;
-    /// Writes zeroes to `sectors` sectors without transferring a buffer.
-    fn write_zeroes(&self, sector: u64, sectors: u64) -> Result<(), BlockError>;
+pub trait BlockDevice: BlockIo {
     /// The current writable layer (or thin volume).
     fn layer(&self) -> LayerId;
     /// Freezes the current writable layer and continues on a new one over it.
@@ -154,37 +95,4 @@ pub trait BlockStore: Send + Sync {
     fn chain(&self, layer: LayerId) -> Result<Vec<LayerId>, BlockError>;
     /// Space used by the store.
     fn usage(&self) -> Result<Usage, BlockError>;
-}
-
-/// Validates a sector-addressed request against a disk of `size` bytes and
-/// returns its byte offset.
-pub fn check_range(sector: u64, len: u64, size: u64) -> Result<u64, BlockError> {
-    let bad = || BlockError::OutOfRange { sector, len, size };
-    if !len.is_multiple_of(SECTOR_SIZE) {
-        return Err(bad());
-    }
-    let off = sector.checked_mul(SECTOR_SIZE).ok_or_else(bad)?;
-    let end = off.checked_add(len).ok_or_else(bad)?;
-    if end > size {
-        return Err(bad());
-    }
-    Ok(off)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn range_checks_reject_overflow_and_unaligned() {
-        assert_eq!(check_range(1, 512, 4096).unwrap(), 512);
-        assert!(check_range(7, 1024, 4096).is_err());
-        assert!(check_range(0, 100, 4096).is_err());
-        assert!(check_range(u64::MAX, 512, 4096).is_err());
-        assert!(check_range(u64::MAX / 512, 1024, u64::MAX).is_err());
-        assert!(matches!(
-            BlockError::io("x", std::io::Error::from_raw_os_error(libc::ENOSPC)),
-            BlockError::NoSpace(_)
-        ));
-    }
 }

@@ -43,6 +43,7 @@ const KIND_LAYER: u16 = 1;
 const KIND_SNAPSHOT: u16 = 2;
 const KIND_TEMPLATE: u16 = 3;
 const KIND_SANDBOX: u16 = 4;
+const KIND_OP: u16 = 5;
 
 /// Catalog errors.
 #[derive(Debug, thiserror::Error)]
@@ -125,7 +126,7 @@ impl LayerRecord {
 }
 
 /// A snapshot: disk and memory layers plus the VM state file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct SnapshotRecord {
     pub id: SnapshotId,
     pub parent: Option<SnapshotId>,
@@ -136,6 +137,25 @@ pub struct SnapshotRecord {
     /// Templates and sandboxes that refer to this snapshot (maintained here).
     pub refs: u32,
     pub created_unix_ms: u64,
+    /// Kept until deleted explicitly (an API snapshot), as opposed to one made for a fork
+    /// or a template, collected once nothing refers to it.
+    #[serde(default)]
+    pub pinned: bool,
+    /// The sandbox it was taken from.
+    #[serde(default)]
+    pub sandbox: String,
+    /// The VM shape it restores into.
+    #[serde(default)]
+    pub vcpus: u32,
+    #[serde(default)]
+    pub mem_mib: u32,
+    /// Memory layers in the chain and pages of the newest, as the VMM reported them.
+    #[serde(default)]
+    pub depth: u32,
+    #[serde(default)]
+    pub pages: u64,
+    #[serde(default)]
+    pub pause_ms: f64,
 }
 
 /// A template: what a sandbox boots or restores from.
@@ -147,16 +167,87 @@ pub struct TemplateRecord {
     pub cmdline: String,
     pub start_command: Vec<String>,
     pub snapshot: Option<SnapshotId>,
+    /// Initial ramdisk file (relative to the owner's directory), if any.
+    #[serde(default)]
+    pub initrd: Option<String>,
+    #[serde(default)]
+    pub vcpus: u32,
+    #[serde(default)]
+    pub mem_mib: u32,
+    /// How the owner decides the guest is ready, and its argument (owner-defined).
+    #[serde(default)]
+    pub ready_check: String,
+    #[serde(default)]
+    pub ready_arg: String,
+    #[serde(default)]
+    pub ready_timeout_s: u32,
+    /// Where the kernel came from (for people).
+    #[serde(default)]
+    pub source: String,
+    #[serde(default)]
+    pub created_unix_ms: u64,
 }
 
 /// A sandbox and what it was made from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct SandboxRecord {
     pub id: String,
+    /// Its writable disk layer (held).
     pub disk_layer: Option<LayerId>,
+    /// The snapshot it was restored from (referred to).
     pub from_snapshot: Option<SnapshotId>,
     pub state: String,
     pub labels: BTreeMap<String, String>,
+    /// The head of the memory layer chain its VM maps and extends (held): its later
+    /// snapshots name these layers.
+    #[serde(default)]
+    pub memory_layer: Option<LayerId>,
+    /// Its newest snapshot (the lineage parent of its next one).
+    #[serde(default)]
+    pub last_snapshot: Option<SnapshotId>,
+    #[serde(default)]
+    pub template: String,
+    /// The sandbox it was forked from.
+    #[serde(default)]
+    pub parent: String,
+    #[serde(default)]
+    pub vcpus: u32,
+    #[serde(default)]
+    pub mem_mib: u32,
+    #[serde(default)]
+    pub identity: u32,
+    #[serde(default)]
+    pub created_unix_ms: u64,
+    /// 0: no expiry.
+    #[serde(default)]
+    pub expires_unix_ms: u64,
+    /// Why it failed or stopped.
+    #[serde(default)]
+    pub reason: String,
+    /// The owner's name for its VMM (a directory, relative to the owner's root).
+    #[serde(default)]
+    pub vmm: String,
+    #[serde(default)]
+    pub pid: u32,
+    /// A delete has started: recovery finishes it.
+    #[serde(default)]
+    pub deleting: bool,
+}
+
+/// A multi-step operation in progress (a fork, a snapshot): written before its first
+/// step, removed after its last, so that recovery can finish or roll back what a crash
+/// interrupted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct OpRecord {
+    pub id: String,
+    pub kind: String,
+    pub sandbox: String,
+    pub snapshot: Option<SnapshotId>,
+    /// Sandboxes the operation creates.
+    pub children: Vec<String>,
+    /// The directory the operation writes (relative to the owner's root).
+    pub dir: String,
+    pub started_unix_ms: u64,
 }
 
 /// What [`Catalog::recover`] did.
@@ -181,6 +272,7 @@ pub struct Catalog {
     snap_children: sled::Tree,
     templates: sled::Tree,
     sandboxes: sled::Tree,
+    ops: sled::Tree,
     meta: sled::Tree,
 }
 
@@ -287,6 +379,9 @@ fn unwrap_tx<T>(r: Result<T, TransactionError<CatalogError>>) -> Result<T, Catal
     })
 }
 
+/// [`Catalog::alloc_id`] makes the id counter durable every this many ids.
+pub const ID_FLUSH_EVERY: u64 = 1024;
+
 impl Catalog {
     /// Opens (or creates) the catalog at `path`.
     ///
@@ -308,16 +403,33 @@ impl Catalog {
                 Err(e) => return Err(e.into()),
             }
         };
-        Ok(Self {
+        let c = Self {
             layers: db.open_tree("layers")?,
             snapshots: db.open_tree("snapshots")?,
             snap_children: db.open_tree("snap_children")?,
             templates: db.open_tree("templates")?,
             sandboxes: db.open_tree("sandboxes")?,
+            ops: db.open_tree("ops")?,
             meta: db.open_tree("meta")?,
             write: std::sync::Mutex::new(()),
             db,
-        })
+        };
+        c.skip_ids_lost_in_a_crash()?;
+        Ok(c)
+    }
+
+    /// The id counter after a crash: sled makes `next_id`'s updates durable only at its next
+    /// flush, so ids handed out just before a crash (`kill -9` of agentd) could be handed out
+    /// again, naming a directory or a process that still exists. [`Self::alloc_id`] flushes
+    /// every [`ID_FLUSH_EVERY`] ids, so no id above the recovered counter plus that many was
+    /// ever handed out: opening skips twice that, durably.
+    fn skip_ids_lost_in_a_crash(&self) -> Result<(), CatalogError> {
+        let Some(old) = self.meta.get(b"next_id")? else { return Ok(()) };
+        let n = <[u8; 8]>::try_from(old.as_ref()).map_or(1, u64::from_le_bytes);
+        let skipped = n.saturating_add(2 * ID_FLUSH_EVERY);
+        self.meta.insert(b"next_id", &skipped.to_le_bytes())?;
+        self.db.flush()?;
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -334,8 +446,9 @@ impl Catalog {
         Ok(())
     }
 
-    /// Allocates a new id (shared by layers and snapshots). Ids start at 1 and are
-    /// never handed out twice once a record using them is durable.
+    /// Allocates a new id (shared by layers, snapshots, sandboxes and VMMs). Ids start at 1
+    /// and are never handed out twice, also across a crash (see
+    /// `skip_ids_lost_in_a_crash`).
     pub fn alloc_id(&self) -> Result<u64, CatalogError> {
         let v = self.meta.update_and_fetch(b"next_id", |old| {
             let n = old.and_then(|b| <[u8; 8]>::try_from(b).ok()).map_or(1, u64::from_le_bytes);
@@ -343,7 +456,12 @@ impl Catalog {
         })?;
         let next =
             v.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok()).map_or(2, u64::from_le_bytes);
-        Ok(next - 1)
+        let id = next - 1;
+        if id % ID_FLUSH_EVERY == 0 {
+            // Bounds how far the durable counter can lag (see skip_ids_lost_in_a_crash).
+            self.db.flush()?;
+        }
+        Ok(id)
     }
 
     /// Raw access for tests of corruption handling.
@@ -599,37 +717,60 @@ impl Catalog {
 
     // ---- snapshots ----
 
+    fn tx_put_snapshot(
+        layers: &TransactionalTree,
+        snapshots: &TransactionalTree,
+        children: &TransactionalTree,
+        rec: &SnapshotRecord,
+        taken: &[LayerId],
+    ) -> TxResult<()> {
+        if snapshots.get(key(rec.id))?.is_some() {
+            return abort(CatalogError::Exists(format!("snapshot {}", rec.id)));
+        }
+        if let Some(p) = rec.parent {
+            if snapshots.get(key(p))?.is_none() {
+                return abort(CatalogError::NotFound(format!("snapshot {p}")));
+            }
+            let mut ck = key(p).to_vec();
+            ck.extend_from_slice(&key(rec.id));
+            children.insert(ck, &[][..])?;
+        }
+        for &l in rec.disk_layers.iter().chain(rec.memory_layer.iter()) {
+            let mut lr = tx_layer(layers, l)?;
+            if !taken.contains(&l) {
+                lr.holds += 1;
+            }
+            tx_put_layer(layers, &lr)?;
+        }
+        let mut rec = rec.clone();
+        rec.refs = 0;
+        if rec.created_unix_ms == 0 {
+            rec.created_unix_ms = now_ms();
+        }
+        snapshots.insert(&key(rec.id), record::encode(KIND_SNAPSHOT, &rec))?;
+        Ok(())
+    }
+
     /// Adds a snapshot; it holds its layers, and its parent gains a child.
     pub fn put_snapshot(&self, rec: &SnapshotRecord) -> Result<(), CatalogError> {
         let _g = self.lock();
         unwrap_tx((&self.layers, &self.snapshots, &self.snap_children).transaction(
             |(layers, snapshots, children)| {
-                if snapshots.get(key(rec.id))?.is_some() {
-                    return abort(CatalogError::Exists(format!("snapshot {}", rec.id)));
-                }
-                if let Some(p) = rec.parent {
-                    if snapshots.get(key(p))?.is_none() {
-                        return abort(CatalogError::NotFound(format!("snapshot {p}")));
-                    }
-                    let mut ck = key(p).to_vec();
-                    ck.extend_from_slice(&key(rec.id));
-                    children.insert(ck, &[][..])?;
-                }
-                for &l in rec.disk_layers.iter().chain(rec.memory_layer.iter()) {
-                    let mut lr = tx_layer(layers, l)?;
-                    lr.holds += 1;
-                    tx_put_layer(layers, &lr)?;
-                }
-                let mut rec = rec.clone();
-                rec.refs = 0;
-                if rec.created_unix_ms == 0 {
-                    rec.created_unix_ms = now_ms();
-                }
-                snapshots.insert(&key(rec.id), record::encode(KIND_SNAPSHOT, &rec))?;
-                Ok(())
+                Self::tx_put_snapshot(layers, snapshots, children, rec, &[])
             },
         ))?;
         self.flush()
+    }
+
+    /// Every snapshot.
+    pub fn snapshots(&self) -> Result<Vec<SnapshotRecord>, CatalogError> {
+        self.snapshots
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode_at(KIND_SNAPSHOT, &k, &v)
+            })
+            .collect()
     }
 
     /// One snapshot.
@@ -739,6 +880,54 @@ impl Catalog {
         }
     }
 
+    /// Every template.
+    pub fn templates(&self) -> Result<Vec<TemplateRecord>, CatalogError> {
+        self.templates
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode_at(KIND_TEMPLATE, &k, &v)
+            })
+            .collect()
+    }
+
+    /// Replaces an existing template record, moving the hold on its base layer and the
+    /// reference to its snapshot where they changed. Flushed before returning.
+    pub fn update_template(&self, rec: &TemplateRecord) -> Result<Vec<LayerRecord>, CatalogError> {
+        let _g = self.lock();
+        let collected = unwrap_tx((&self.layers, &self.snapshots, &self.templates).transaction(
+            |(layers, snapshots, templates)| {
+                let old: TemplateRecord =
+                    tx_get(templates, KIND_TEMPLATE, rec.name.as_bytes(), || {
+                        format!("template {}", rec.name)
+                    })?;
+                let mut collected = Vec::new();
+                if old.base_layer != rec.base_layer {
+                    if let Some(l) = rec.base_layer {
+                        let mut lr = tx_layer(layers, l)?;
+                        lr.holds += 1;
+                        tx_put_layer(layers, &lr)?;
+                    }
+                    if let Some(l) = old.base_layer {
+                        tx_unref(layers, l, true, &mut collected)?;
+                    }
+                }
+                if old.snapshot != rec.snapshot {
+                    if let Some(s) = rec.snapshot {
+                        Self::tx_snapshot_ref(snapshots, s, true)?;
+                    }
+                    if let Some(s) = old.snapshot {
+                        Self::tx_snapshot_ref(snapshots, s, false)?;
+                    }
+                }
+                templates.insert(rec.name.as_bytes(), record::encode(KIND_TEMPLATE, rec))?;
+                Ok(collected)
+            },
+        ))?;
+        self.flush()?;
+        Ok(collected)
+    }
+
     /// Removes a template; returns the layer records collected.
     pub fn remove_template(&self, name: &str) -> Result<Vec<LayerRecord>, CatalogError> {
         let _g = self.lock();
@@ -765,27 +954,106 @@ impl Catalog {
 
     // ---- sandboxes ----
 
-    /// Adds a sandbox; it holds its disk layer and refers to its snapshot.
+    /// Moves the holds and references of a sandbox record from `old` to `new` (either may be
+    /// absent): its disk layer, memory layer head and source snapshot. New references are
+    /// taken before old ones are dropped, so a layer that both name is never collected.
+    ///
+    /// `moved` lists holds that change owner without changing count: a layer in it that
+    /// `new` names already carries a hold for it (a layer the caller made, held once), and
+    /// one that `old` names keeps its hold for another owner (a disk layer frozen into a
+    /// snapshot).
+    fn tx_sandbox_refs(
+        layers: &TransactionalTree,
+        snapshots: &TransactionalTree,
+        old: Option<&SandboxRecord>,
+        new: Option<&SandboxRecord>,
+        moved: &[LayerId],
+        collected: &mut Vec<LayerRecord>,
+    ) -> TxResult<()> {
+        let held = |r: Option<&SandboxRecord>| -> Vec<LayerId> {
+            r.map(|r| r.disk_layer.into_iter().chain(r.memory_layer).collect()).unwrap_or_default()
+        };
+        for l in held(new) {
+            if moved.contains(&l) {
+                continue;
+            }
+            let mut lr = tx_layer(layers, l)?;
+            lr.holds += 1;
+            tx_put_layer(layers, &lr)?;
+        }
+        if let Some(s) = new.and_then(|r| r.from_snapshot) {
+            Self::tx_snapshot_ref(snapshots, s, true)?;
+        }
+        for l in held(old) {
+            if moved.contains(&l) {
+                continue;
+            }
+            tx_unref(layers, l, true, collected)?;
+        }
+        if let Some(s) = old.and_then(|r| r.from_snapshot) {
+            Self::tx_snapshot_ref(snapshots, s, false)?;
+        }
+        Ok(())
+    }
+
+    /// Adds a sandbox; it holds its disk layer and memory layer head and refers to its
+    /// snapshot.
     pub fn put_sandbox(&self, rec: &SandboxRecord) -> Result<(), CatalogError> {
+        self.put_sandbox_taking(rec, &[])
+    }
+
+    /// [`put_sandbox`](Self::put_sandbox), where the layers in `taken` already carry the
+    /// hold the sandbox needs (a disk the caller just cloned): the hold passes to the
+    /// record instead of a new one being added.
+    pub fn put_sandbox_taking(
+        &self,
+        rec: &SandboxRecord,
+        taken: &[LayerId],
+    ) -> Result<(), CatalogError> {
         let _g = self.lock();
         unwrap_tx((&self.layers, &self.snapshots, &self.sandboxes).transaction(
             |(layers, snapshots, sandboxes)| {
                 if sandboxes.get(rec.id.as_bytes())?.is_some() {
                     return abort(CatalogError::Exists(format!("sandbox {}", rec.id)));
                 }
-                if let Some(l) = rec.disk_layer {
-                    let mut lr = tx_layer(layers, l)?;
-                    lr.holds += 1;
-                    tx_put_layer(layers, &lr)?;
-                }
-                if let Some(s) = rec.from_snapshot {
-                    Self::tx_snapshot_ref(snapshots, s, true)?;
-                }
+                Self::tx_sandbox_refs(layers, snapshots, None, Some(rec), taken, &mut Vec::new())?;
                 sandboxes.insert(rec.id.as_bytes(), record::encode(KIND_SANDBOX, rec))?;
                 Ok(())
             },
         ))?;
         self.flush()
+    }
+
+    /// Replaces an existing sandbox record, moving holds and references where the layers
+    /// or the snapshot it names changed; returns the layer records collected. Flushed
+    /// before returning.
+    pub fn update_sandbox(&self, rec: &SandboxRecord) -> Result<Vec<LayerRecord>, CatalogError> {
+        let _g = self.lock();
+        let collected = unwrap_tx((&self.layers, &self.snapshots, &self.sandboxes).transaction(
+            |(layers, snapshots, sandboxes)| {
+                let old: SandboxRecord =
+                    tx_get(sandboxes, KIND_SANDBOX, rec.id.as_bytes(), || {
+                        format!("sandbox {}", rec.id)
+                    })?;
+                let mut collected = Vec::new();
+                if (old.disk_layer, old.memory_layer, old.from_snapshot)
+                    != (rec.disk_layer, rec.memory_layer, rec.from_snapshot)
+                {
+                    Self::tx_sandbox_refs(
+                        layers,
+                        snapshots,
+                        Some(&old),
+                        Some(rec),
+                        &[],
+                        &mut collected,
+                    )?;
+                }
+                sandboxes.insert(rec.id.as_bytes(), record::encode(KIND_SANDBOX, rec))?;
+                Ok(collected)
+            },
+        ))?;
+        self.flush()?;
+        Ok(collected)
     }
 
     /// One sandbox.
@@ -816,17 +1084,105 @@ impl Catalog {
                     tx_get(sandboxes, KIND_SANDBOX, id.as_bytes(), || format!("sandbox {id}"))?;
                 sandboxes.remove(id.as_bytes())?;
                 let mut collected = Vec::new();
-                if let Some(l) = rec.disk_layer {
-                    tx_unref(layers, l, true, &mut collected)?;
-                }
-                if let Some(s) = rec.from_snapshot {
-                    Self::tx_snapshot_ref(snapshots, s, false)?;
-                }
+                Self::tx_sandbox_refs(layers, snapshots, Some(&rec), None, &[], &mut collected)?;
                 Ok(collected)
             },
         ))?;
         self.flush()?;
         Ok(collected)
+    }
+
+    /// Commits a snapshot and the memory layers written for it in one transaction: the
+    /// `new_layers` (frozen, each on the previous one, the first on its recorded parent;
+    /// unheld except by what names them), the snapshot record (holding its layers), and,
+    /// if given, the updated record of the sandbox it was taken from (its memory head and
+    /// disk layer moved). Returns the layer records collected.
+    ///
+    /// `disk` is a disk snapshot taken for it ([`BlockDevice::snapshot`]: the frozen layer,
+    /// now held by the caller, and the new writable layer, holding the disk's hold): the
+    /// snapshot takes over the frozen layer's hold and the sandbox's disk hold stays on the
+    /// new writable layer, with no count changing.
+    ///
+    /// [`BlockDevice::snapshot`]: crate::block::BlockDevice::snapshot
+    pub fn commit_snapshot(
+        &self,
+        snap: &SnapshotRecord,
+        new_layers: &[LayerRecord],
+        sandbox: Option<&SandboxRecord>,
+        disk: Option<(LayerId, LayerId)>,
+    ) -> Result<Vec<LayerRecord>, CatalogError> {
+        let moved: Vec<LayerId> = disk.map(|(f, w)| vec![f, w]).unwrap_or_default();
+        let snap_taken: Vec<LayerId> = disk.map(|(f, _)| vec![f]).unwrap_or_default();
+        let _g = self.lock();
+        let collected = unwrap_tx(
+            (&self.layers, &self.snapshots, &self.snap_children, &self.sandboxes).transaction(
+                |(layers, snapshots, children, sandboxes)| {
+                    for l in new_layers {
+                        tx_check_new(layers, l)?;
+                        if !l.frozen {
+                            return abort(CatalogError::Invalid(format!(
+                                "layer {} not frozen",
+                                l.id
+                            )));
+                        }
+                        let mut l = l.clone();
+                        l.holds = 0;
+                        l.children = 0;
+                        if let Some(p) = l.parent {
+                            let mut prec = tx_layer(layers, p)?;
+                            prec.children += 1;
+                            tx_put_layer(layers, &prec)?;
+                        }
+                        tx_put_layer(layers, &l)?;
+                    }
+                    Self::tx_put_snapshot(layers, snapshots, children, snap, &snap_taken)?;
+                    let mut collected = Vec::new();
+                    if let Some(rec) = sandbox {
+                        let old: SandboxRecord =
+                            tx_get(sandboxes, KIND_SANDBOX, rec.id.as_bytes(), || {
+                                format!("sandbox {}", rec.id)
+                            })?;
+                        Self::tx_sandbox_refs(
+                            layers,
+                            snapshots,
+                            Some(&old),
+                            Some(rec),
+                            &moved,
+                            &mut collected,
+                        )?;
+                        sandboxes.insert(rec.id.as_bytes(), record::encode(KIND_SANDBOX, rec))?;
+                    }
+                    Ok(collected)
+                },
+            ),
+        )?;
+        self.flush()?;
+        Ok(collected)
+    }
+
+    // ---- operations in progress ----
+
+    /// Records an operation in progress. Flushed before returning.
+    pub fn put_op(&self, op: &OpRecord) -> Result<(), CatalogError> {
+        self.ops.insert(op.id.as_bytes(), record::encode(KIND_OP, op))?;
+        self.flush()
+    }
+
+    /// Removes a finished operation. Flushed before returning.
+    pub fn remove_op(&self, id: &str) -> Result<(), CatalogError> {
+        self.ops.remove(id.as_bytes())?;
+        self.flush()
+    }
+
+    /// Every operation in progress.
+    pub fn ops(&self) -> Result<Vec<OpRecord>, CatalogError> {
+        self.ops
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode_at(KIND_OP, &k, &v)
+            })
+            .collect()
     }
 
     // ---- recovery ----
@@ -877,6 +1233,27 @@ mod tests {
         r.frozen = frozen;
         c.insert_layer(&r).unwrap();
         id
+    }
+
+    #[test]
+    fn ids_are_not_handed_out_again_after_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let last = {
+            let c = Catalog::open(dir.path()).unwrap();
+            let ids: Vec<u64> = (0..3).map(|_| c.alloc_id().unwrap()).collect();
+            assert_eq!(ids, vec![1, 2, 3]);
+            ids[2]
+            // Dropped without a flush: sled may lose the counter's last updates in a crash.
+        };
+        let c = Catalog::open(dir.path()).unwrap();
+        let next = c.alloc_id().unwrap();
+        assert!(
+            next > last + ID_FLUSH_EVERY,
+            "{next} after {last}: a lost update would repeat ids"
+        );
+        // A fresh catalog starts at 1 (nothing to skip).
+        let fresh = tempfile::tempdir().unwrap();
+        assert_eq!(Catalog::open(fresh.path()).unwrap().alloc_id().unwrap(), 1);
     }
 
     #[test]
@@ -937,6 +1314,97 @@ mod tests {
         assert!(c.put_sandbox(&sb).is_err());
         c.remove_sandbox("a").unwrap();
         assert!(c.sandboxes().unwrap().is_empty());
+    }
+
+    fn memory_layer(c: &Catalog, parent: Option<LayerId>) -> LayerRecord {
+        let mut r = LayerRecord::new(c.alloc_id().unwrap(), LayerKind::Memory, parent, 1 << 20);
+        r.frozen = true;
+        r.files = vec![format!("{}/0000.mlayer", r.id)];
+        r
+    }
+
+    #[test]
+    fn snapshots_commit_with_their_layers_and_move_the_sandbox_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalog::open(&dir.path().join("db")).unwrap();
+        // A template snapshot: a full layer.
+        let full = memory_layer(&c, None);
+        let s1 = SnapshotRecord {
+            id: c.alloc_id().unwrap(),
+            memory_layer: Some(full.id),
+            ..Default::default()
+        };
+        c.commit_snapshot(&s1, std::slice::from_ref(&full), None, None).unwrap();
+        assert_eq!(c.layer(full.id).unwrap().holds, 1);
+        // A sandbox restored from it holds the head and refers to the snapshot.
+        let mut sb = SandboxRecord {
+            id: "sb".into(),
+            from_snapshot: Some(s1.id),
+            memory_layer: Some(full.id),
+            ..Default::default()
+        };
+        c.put_sandbox(&sb).unwrap();
+        assert_eq!(c.layer(full.id).unwrap().holds, 2);
+        assert_eq!(c.snapshot(s1.id).unwrap().refs, 1);
+        // Its fork: a diff on top; the sandbox's head moves to it.
+        let diff = memory_layer(&c, Some(full.id));
+        let s2 = SnapshotRecord {
+            id: c.alloc_id().unwrap(),
+            parent: Some(s1.id),
+            memory_layer: Some(diff.id),
+            ..Default::default()
+        };
+        sb.memory_layer = Some(diff.id);
+        sb.last_snapshot = Some(s2.id);
+        assert!(c
+            .commit_snapshot(&s2, std::slice::from_ref(&diff), Some(&sb), None)
+            .unwrap()
+            .is_empty());
+        let (f, d) = (c.layer(full.id).unwrap(), c.layer(diff.id).unwrap());
+        assert_eq!((f.holds, f.children, d.holds, d.children), (1, 1, 2, 0));
+        // A failed commit changes nothing: the layer id is taken now.
+        let s3 = SnapshotRecord { id: c.alloc_id().unwrap(), ..Default::default() };
+        assert!(matches!(
+            c.commit_snapshot(&s3, std::slice::from_ref(&diff), None, None),
+            Err(CatalogError::Exists(_))
+        ));
+        assert!(c.snapshot(s3.id).is_err());
+        // update_sandbox moves nothing when only the state changes.
+        sb.state = "paused".into();
+        assert!(c.update_sandbox(&sb).unwrap().is_empty());
+        assert_eq!(c.layer(diff.id).unwrap().holds, 2);
+        // Removing the fork snapshot (no referrers) keeps the layer the sandbox holds.
+        assert!(c.remove_snapshot(s2.id).unwrap().is_empty());
+        // Removing the sandbox collects the diff; the full layer stays for s1.
+        let gone: Vec<_> = c.remove_sandbox("sb").unwrap().iter().map(|r| r.id).collect();
+        assert_eq!(gone, vec![diff.id]);
+        assert_eq!(c.snapshot(s1.id).unwrap().refs, 0);
+        let gone: Vec<_> = c.remove_snapshot(s1.id).unwrap().iter().map(|r| r.id).collect();
+        assert_eq!(gone, vec![full.id]);
+        assert!(c.layers().unwrap().is_empty());
+    }
+
+    #[test]
+    fn templates_update_moves_the_snapshot_reference_and_ops_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalog::open(&dir.path().join("db")).unwrap();
+        let s = SnapshotRecord { id: c.alloc_id().unwrap(), ..Default::default() };
+        c.put_snapshot(&s).unwrap();
+        let mut t = TemplateRecord { name: "tg".into(), ..Default::default() };
+        c.put_template(&t).unwrap();
+        t.snapshot = Some(s.id);
+        c.update_template(&t).unwrap();
+        assert_eq!(c.snapshot(s.id).unwrap().refs, 1);
+        assert_eq!(c.templates().unwrap(), vec![t.clone()]);
+        t.snapshot = None;
+        c.update_template(&t).unwrap();
+        assert_eq!(c.snapshot(s.id).unwrap().refs, 0);
+        assert!(c.update_template(&TemplateRecord::default()).is_err());
+        let op = OpRecord { id: "fork-1".into(), children: vec!["a".into()], ..Default::default() };
+        c.put_op(&op).unwrap();
+        assert_eq!(c.ops().unwrap(), vec![op]);
+        c.remove_op("fork-1").unwrap();
+        assert!(c.ops().unwrap().is_empty());
     }
 
     #[test]

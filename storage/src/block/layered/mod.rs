@@ -20,22 +20,23 @@
 //! (xfs, btrfs) and copied sparsely otherwise; flatten copies chunk runs with
 //! `copy_file_range`, which the kernel turns into a reflink on those filesystems.
 
-pub mod index;
+pub use grove_block::index;
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
-use self::index::{Bitmap, Header, IndexFile};
-use super::{check_range, BlockDevice, BlockError, BlockStore, LayerId, Usage, SECTOR_SIZE};
+use grove_block::chain::{ChainDisk, Frozen, Writable};
+use grove_block::file::{copy_range, sync_dir};
+use grove_block::{BitmapSlice, VolatileSlice};
+
+use self::index::Header;
+use super::{BlockDevice, BlockError, BlockIo, BlockStore, LayerId, Usage, SECTOR_SIZE};
 use crate::catalog::{Catalog, LayerKind, LayerRecord, RecoveryReport};
 
-/// Default chunk size.
-pub const DEFAULT_CHUNK: u32 = 4096;
+pub use grove_block::chain::DEFAULT_CHUNK;
 
 macro_rules! failpoint {
     ($name:expr) => {
@@ -45,60 +46,6 @@ macro_rules! failpoint {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// A frozen layer (or the base), shared by every disk whose chain contains it.
-#[derive(Debug)]
-struct Frozen {
-    data: Arc<File>,
-    /// `None` for the base, which owns every chunk.
-    bitmap: Option<Arc<Bitmap>>,
-}
-
-impl Frozen {
-    fn owns(&self, c: u64) -> bool {
-        self.bitmap.as_ref().is_none_or(|b| b.get(c))
-    }
-}
-
-/// Pages of the bitmap changed since each index slot was last written.
-#[derive(Debug)]
-struct Dirty {
-    pages: [Vec<bool>; 2],
-    changes: u64,
-}
-
-impl Dirty {
-    fn mark(&mut self, chunk: u64) {
-        let page = usize::try_from(chunk / 64 * 8 / index::PAGE).unwrap_or(0);
-        for p in &mut self.pages {
-            if let Some(d) = p.get_mut(page) {
-                *d = true;
-            }
-        }
-        self.changes += 1;
-    }
-}
-
-/// The writable top layer of a disk.
-#[derive(Debug)]
-struct Writable {
-    id: LayerId,
-    data: Arc<File>,
-    bitmap: Arc<Bitmap>,
-    /// Serialises copy-ups and guards the dirty-page sets.
-    copy: Mutex<Dirty>,
-    /// Serialises flushes; (index file, changes at the last commit).
-    index: Mutex<(IndexFile, u64)>,
-    /// Data writes started, and the count at the last data fdatasync.
-    writes: AtomicU64,
-    synced: AtomicU64,
-}
-
-struct Chain {
-    top: Arc<Writable>,
-    /// Frozen layers, nearest first; the last one is the root.
-    below: Vec<Arc<Frozen>>,
 }
 
 struct Inner {
@@ -117,11 +64,11 @@ pub struct LayeredStore {
     recovery: RecoveryReport,
 }
 
-/// A writable disk of the layered store.
+/// A writable disk of the layered store: a [`ChainDisk`] whose layers the catalog records.
 pub struct LayeredDisk {
     store: Arc<Inner>,
     size: u64,
-    chain: RwLock<Chain>,
+    disk: ChainDisk,
 }
 
 fn data_name(id: LayerId) -> String {
@@ -131,50 +78,6 @@ fn index_name(id: LayerId) -> String {
     format!("L{id}.idx")
 }
 
-fn sync_dir(dir: &Path) -> Result<(), BlockError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| BlockError::io("fsync dir", e))
-}
-
-/// Reads `buf.len()` bytes at `off`, zero-filling past the end of the file.
-fn read_full(f: &File, buf: &mut [u8], off: u64) -> Result<(), BlockError> {
-    let mut done = 0;
-    while done < buf.len() {
-        match f.read_at(&mut buf[done..], off + done as u64) {
-            Ok(0) => {
-                buf[done..].fill(0);
-                return Ok(());
-            }
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(BlockError::io("read layer", e)),
-        }
-    }
-    Ok(())
-}
-
-fn write_full(f: &File, buf: &[u8], off: u64) -> Result<(), BlockError> {
-    f.write_all_at(buf, off).map_err(|e| BlockError::io("write layer", e))
-}
-
-fn punch_hole(f: &File, off: u64, len: u64) -> Result<bool, BlockError> {
-    let (Ok(o), Ok(l)) = (i64::try_from(off), i64::try_from(len)) else {
-        return Err(BlockError::Invalid("range".into()));
-    };
-    // SAFETY: fallocate on a valid open fd with plain integer arguments; no memory
-    // is passed to the kernel.
-    let r = unsafe {
-        libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, o, l)
-    };
-    if r == 0 {
-        return Ok(true);
-    }
-    let e = std::io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::EOPNOTSUPP) => Ok(false),
-        _ => Err(BlockError::io("punch hole", e)),
-    }
-}
-
 /// Tries a whole-file reflink (`FICLONE`); false where the filesystem cannot.
 fn reflink(src: &File, dst: &File) -> bool {
     const FICLONE: libc::c_ulong = 0x4004_9409;
@@ -182,48 +85,6 @@ fn reflink(src: &File, dst: &File) -> bool {
     // open for the duration of the call and no memory is shared.
     let r = unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE, src.as_raw_fd()) };
     r == 0
-}
-
-/// Copies `len` bytes at `off` from `src` to `dst` (same offset) with
-/// copy_file_range (a reflink on xfs/btrfs), falling back to read/write.
-fn copy_range(src: &File, dst: &File, off: u64, len: u64) -> Result<(), BlockError> {
-    let mut done = 0u64;
-    while done < len {
-        let (Ok(mut so), Ok(mut dof)) = (i64::try_from(off + done), i64::try_from(off + done))
-        else {
-            return Err(BlockError::Invalid("range".into()));
-        };
-        let n = usize::try_from(len - done).unwrap_or(usize::MAX).min(1 << 30);
-        // SAFETY: both fds are valid; the offset pointers point to live locals
-        // that the kernel updates.
-        let r = unsafe {
-            libc::copy_file_range(src.as_raw_fd(), &mut so, dst.as_raw_fd(), &mut dof, n, 0)
-        };
-        if r > 0 {
-            done += r.unsigned_abs() as u64;
-            continue;
-        }
-        if r == 0 {
-            // Past the end of the source: the rest reads as zeroes (a hole).
-            return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
-        if matches!(
-            e.raw_os_error(),
-            Some(libc::EXDEV | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOSYS)
-        ) {
-            let mut buf = vec![0u8; 1 << 20];
-            while done < len {
-                let n = usize::try_from((len - done).min(1 << 20)).unwrap_or(1 << 20);
-                read_full(src, &mut buf[..n], off + done)?;
-                write_full(dst, &buf[..n], off + done)?;
-                done += n as u64;
-            }
-            return Ok(());
-        }
-        return Err(BlockError::io("copy_file_range", e));
-    }
-    Ok(())
 }
 
 /// Copies a raw image sparsely (only its data extents).
@@ -254,14 +115,6 @@ impl Inner {
         self.dir.join(name)
     }
 
-    fn open_rw(&self, name: &str) -> Result<File, BlockError> {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(self.path(name))
-            .map_err(|e| BlockError::io("open layer", e))
-    }
-
     fn create_file(&self, name: &str) -> Result<File, BlockError> {
         OpenOptions::new()
             .read(true)
@@ -272,42 +125,32 @@ impl Inner {
     }
 
     fn index_err(&self, id: LayerId, source: index::IndexError) -> BlockError {
-        if let index::IndexError::Io(e) = source {
-            return BlockError::io("read index", e);
-        }
-        BlockError::Index {
-            layer: id,
-            path: self.path(&index_name(id)).display().to_string(),
-            source,
-        }
+        grove_block::chain::index_err(id, &self.path(&index_name(id)), source)
     }
 
     /// Creates the data and index files of a new empty layer, fsynced, directory
     /// included. Nothing names them yet.
-    fn create_layer_files(&self, id: LayerId, size: u64) -> Result<(File, File), BlockError> {
-        let h = Header::new(id, size, self.chunk).map_err(|e| self.index_err(id, e))?;
-        let data = self.create_file(&data_name(id))?;
-        data.set_len(size).map_err(|e| BlockError::io("size layer", e))?;
-        let idx = self.create_file(&index_name(id))?;
-        index::create(&idx, &h).map_err(|e| self.index_err(id, e))?;
-        data.sync_all().map_err(|e| BlockError::io("fsync layer", e))?;
-        idx.sync_all().map_err(|e| BlockError::io("fsync index", e))?;
-        sync_dir(&self.dir)?;
-        Ok((data, idx))
+    fn create_layer_files(&self, id: LayerId, size: u64) -> Result<(), BlockError> {
+        Writable::create_files(
+            &self.path(&data_name(id)),
+            &self.path(&index_name(id)),
+            id,
+            size,
+            self.chunk,
+        )
+        .map(drop)
     }
 
-    /// The id and files of a new empty layer of `size` bytes: a spare if one is
-    /// ready (no I/O), else created here (three fsyncs).
-    fn new_layer_files(&self, size: u64) -> Result<(LayerId, File, File), BlockError> {
+    /// The id of a new empty layer of `size` bytes whose files are ready: a spare if one
+    /// is ready (no I/O), else created here (three fsyncs).
+    fn new_layer_files(&self, size: u64) -> Result<LayerId, BlockError> {
         let spare = lock(&self.spares).get_mut(&size).and_then(Vec::pop);
         if let Some(id) = spare {
-            let data = self.open_rw(&data_name(id))?;
-            let idx = self.open_rw(&index_name(id))?;
-            return Ok((id, data, idx));
+            return Ok(id);
         }
         let id = self.catalog.alloc_id()?;
-        let (data, idx) = self.create_layer_files(id, size)?;
-        Ok((id, data, idx))
+        self.create_layer_files(id, size)?;
+        Ok(id)
     }
 
     fn remove_files(&self, recs: &[LayerRecord]) -> Result<(), BlockError> {
@@ -345,26 +188,17 @@ impl Inner {
         if !rec.frozen {
             return Err(BlockError::WrongState(rec.id, "not frozen"));
         }
-        let data = OpenOptions::new()
-            .read(true)
-            .open(self.path(&data_name(rec.id)))
-            .map_err(|e| BlockError::io("open layer", e))?;
-        let bitmap = match rec.kind {
-            LayerKind::Base => None,
+        let data = self.path(&data_name(rec.id));
+        let f = match rec.kind {
+            LayerKind::Base => Frozen::open_base(&data)?,
             LayerKind::Disk => {
-                let f = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(self.path(&index_name(rec.id)))
-                    .map_err(|e| BlockError::io("open index", e))?;
-                let (idx, bm, _) =
-                    IndexFile::open(f, rec.id).map_err(|e| self.index_err(rec.id, e))?;
-                self.check_geometry(rec, idx.header())?;
-                Some(Arc::new(bm))
+                let (f, h) = Frozen::open(&data, &self.path(&index_name(rec.id)), rec.id)?;
+                self.check_geometry(rec, &h)?;
+                f
             }
             _ => return Err(BlockError::WrongState(rec.id, "not a disk layer")),
         };
-        let f = Arc::new(Frozen { data: Arc::new(data), bitmap });
+        let f = Arc::new(f);
         lock(&self.cache).insert(rec.id, Arc::downgrade(&f));
         Ok(f)
     }
@@ -382,38 +216,19 @@ impl Inner {
         Ok(())
     }
 
-    fn writable(&self, rec: &LayerRecord, data: File, idx: File) -> Result<Writable, BlockError> {
-        self.writable_from(rec, data, idx, false)
-    }
-
-    /// `fresh`: the index is known to be empty (a new layer or a spare).
-    fn writable_from(
-        &self,
-        rec: &LayerRecord,
-        data: File,
-        idx: File,
-        fresh: bool,
-    ) -> Result<Writable, BlockError> {
-        let (idx, bm, dirty_target) = if fresh {
+    /// Opens the writable layer `rec`; `fresh`: its index is known to be empty (a new
+    /// layer or a spare).
+    fn writable(&self, rec: &LayerRecord, fresh: bool) -> Result<Writable, BlockError> {
+        let (data, idx) = (self.path(&data_name(rec.id)), self.path(&index_name(rec.id)));
+        let w = if fresh {
             let h =
                 Header::new(rec.id, rec.size, self.chunk).map_err(|e| self.index_err(rec.id, e))?;
-            IndexFile::open_fresh(idx, &h)
+            Writable::open_fresh(&data, &idx, &h)?
         } else {
-            IndexFile::open(idx, rec.id)
-        }
-        .map_err(|e| self.index_err(rec.id, e))?;
-        self.check_geometry(rec, idx.header())?;
-        let mut pages = [vec![false; dirty_target.len()], vec![false; dirty_target.len()]];
-        pages[idx.target()] = dirty_target;
-        Ok(Writable {
-            id: rec.id,
-            data: Arc::new(data),
-            bitmap: Arc::new(bm),
-            copy: Mutex::new(Dirty { pages, changes: 0 }),
-            index: Mutex::new((idx, 0)),
-            writes: AtomicU64::new(0),
-            synced: AtomicU64::new(0),
-        })
+            Writable::open(&data, &idx, rec.id)?
+        };
+        self.check_geometry(rec, w.header())?;
+        Ok(w)
     }
 
     fn chain_for(&self, parent: LayerId) -> Result<Vec<Arc<Frozen>>, BlockError> {
@@ -520,7 +335,7 @@ impl LayeredStore {
         Ok(LayeredDisk {
             store: self.inner.clone(),
             size,
-            chain: RwLock::new(Chain { top: Arc::new(top), below }),
+            disk: ChainDisk::new(size, self.inner.chunk, Some(top), below),
         })
     }
 }
@@ -564,13 +379,13 @@ impl BlockStore for LayeredStore {
         if !parent.frozen {
             return Err(BlockError::WrongState(layer, "clone needs a frozen layer"));
         }
-        let (id, data, idx) = inner.new_layer_files(parent.size)?;
+        let id = inner.new_layer_files(parent.size)?;
         failpoint!("layered::clone::after_files");
         let mut rec = LayerRecord::new(id, LayerKind::Disk, Some(layer), parent.size);
         rec.files = vec![data_name(id), index_name(id)];
         inner.catalog.insert_layer(&rec)?;
         failpoint!("layered::clone::after_catalog");
-        let top = inner.writable_from(&rec, data, idx, true)?;
+        let top = inner.writable(&rec, true)?;
         self.disk(top, layer, parent.size)
     }
 
@@ -582,9 +397,7 @@ impl BlockStore for LayeredStore {
         }
         let parent =
             rec.parent.ok_or(BlockError::WrongState(layer, "writable layer without parent"))?;
-        let data = inner.open_rw(&data_name(layer))?;
-        let idx = inner.open_rw(&index_name(layer))?;
-        let top = inner.writable(&rec, data, idx)?;
+        let top = inner.writable(&rec, false)?;
         self.disk(top, parent, rec.size)
     }
 
@@ -612,34 +425,11 @@ impl BlockStore for LayeredStore {
         let upper = &chain[..chain.len() - 1];
         let size = recs[0].size;
         let id = inner.catalog.alloc_id()?;
-        let (data, idx) = inner.create_layer_files(id, size)?;
+        inner.create_layer_files(id, size)?;
         let mut rec = LayerRecord::new(id, LayerKind::Disk, Some(root), size);
         rec.files = vec![data_name(id), index_name(id)];
         rec.frozen = true;
-        let top = inner.writable(&rec, data, idx)?;
-        let chunk = u64::from(inner.chunk);
-        let chunks = top.bitmap.chunks();
-        let mut c = 0;
-        while c < chunks {
-            let Some(owner) = upper.iter().position(|l| l.owns(c)) else {
-                c += 1;
-                continue;
-            };
-            let mut end = c + 1;
-            while end < chunks && upper.iter().position(|l| l.owns(end)) == Some(owner) {
-                end += 1;
-            }
-            let off = c * chunk;
-            let len = (end * chunk).min(size) - off;
-            copy_range(&upper[owner].data, &top.data, off, len)?;
-            for k in c..end {
-                top.bitmap.set(k);
-                lock(&top.copy).mark(k);
-            }
-            c = end;
-        }
-        top.writes.fetch_add(1, Ordering::AcqRel);
-        flush_writable(&top)?;
+        inner.writable(&rec, true)?.absorb(upper)?;
         failpoint!("layered::flatten::after_files");
         let collected = inner.catalog.replace_layer(layer, &rec)?;
         failpoint!("layered::flatten::after_catalog");
@@ -680,332 +470,61 @@ impl BlockStore for LayeredStore {
     }
 }
 
-/// Flushes a writable layer: data first, then the index (only chunks whose data
-/// write completed before the bitmap snapshot are in it, and the data fdatasync
-/// comes after that snapshot).
-fn sync_data(top: &Writable) -> Result<(), BlockError> {
-    let w = top.writes.load(Ordering::Acquire);
-    if w != top.synced.load(Ordering::Acquire) {
-        top.data.sync_data().map_err(|e| BlockError::io("fdatasync layer", e))?;
-        top.synced.store(w, Ordering::Release);
-    }
-    Ok(())
-}
-
-fn flush_writable(top: &Writable) -> Result<(), BlockError> {
-    let mut idx = lock(&top.index);
-    let target = idx.0.target();
-    let (page_data, pages, changes) = {
-        let mut d = lock(&top.copy);
-        if d.changes == idx.1 {
-            drop(d);
-            return sync_data(top);
-        }
-        let pages: Vec<u64> = d.pages[target]
-            .iter()
-            .enumerate()
-            .filter(|(_, &dirty)| dirty)
-            .map(|(i, _)| i as u64)
-            .collect();
-        d.pages[target].fill(false);
-        // Only the changed pages are copied (under the lock, so consistent).
-        let data: Vec<(u64, Vec<u8>)> =
-            pages.iter().map(|&p| (p, top.bitmap.page_bytes(p))).collect();
-        (data, pages, d.changes)
-    };
-    let restore = |pages: &[u64]| {
-        let mut d = lock(&top.copy);
-        for &p in pages {
-            if let Some(x) = usize::try_from(p).ok().and_then(|p| d.pages[target].get_mut(p)) {
-                *x = true;
-            }
-        }
-    };
-    if let Err(e) = sync_data(top) {
-        restore(&pages);
-        return Err(e);
-    }
-    if let Err(e) = idx.0.commit(&page_data) {
-        restore(&pages);
-        return Err(match e {
-            index::IndexError::Io(e) => BlockError::io("commit index", e),
-            other => BlockError::Index { layer: top.id, path: String::new(), source: other },
-        });
-    }
-    idx.1 = changes;
-    Ok(())
-}
-
-enum Owner {
-    Top,
-    Below(usize),
-    Zero,
-}
-
-impl Chain {
-    fn owner(&self, c: u64) -> Owner {
-        if self.top.bitmap.get(c) {
-            return Owner::Top;
-        }
-        self.below_owner(c)
-    }
-
-    fn below_owner(&self, c: u64) -> Owner {
-        match self.below.iter().position(|l| l.owns(c)) {
-            Some(i) => Owner::Below(i),
-            None => Owner::Zero,
-        }
-    }
-
-    fn file(&self, o: &Owner) -> Option<&File> {
-        match o {
-            Owner::Top => Some(&self.top.data),
-            Owner::Below(i) => Some(&self.below[*i].data),
-            Owner::Zero => None,
-        }
-    }
-
-    /// Reads `buf` at byte `off` through the chain (or only below the top).
-    fn read_at(
-        &self,
-        buf: &mut [u8],
-        off: u64,
-        chunk: u64,
-        skip_top: bool,
-    ) -> Result<(), BlockError> {
-        let end = off + buf.len() as u64;
-        let mut pos = off;
-        while pos < end {
-            let c = pos / chunk;
-            let owner = if skip_top { self.below_owner(c) } else { self.owner(c) };
-            let mut run_end = ((c + 1) * chunk).min(end);
-            while run_end < end {
-                let nc = run_end / chunk;
-                let o = if skip_top { self.below_owner(nc) } else { self.owner(nc) };
-                if !same(&o, &owner) {
-                    break;
-                }
-                run_end = ((nc + 1) * chunk).min(end);
-            }
-            let lo = usize::try_from(pos - off).expect("in buffer");
-            let hi = usize::try_from(run_end - off).expect("in buffer");
-            match self.file(&owner) {
-                Some(f) => read_full(f, &mut buf[lo..hi], pos)?,
-                None => buf[lo..hi].fill(0),
-            }
-            pos = run_end;
-        }
-        Ok(())
-    }
-}
-
-fn same(a: &Owner, b: &Owner) -> bool {
-    match (a, b) {
-        (Owner::Top, Owner::Top) | (Owner::Zero, Owner::Zero) => true,
-        (Owner::Below(x), Owner::Below(y)) => x == y,
-        _ => false,
-    }
-}
-
-impl LayeredDisk {
-    fn chunk(&self) -> u64 {
-        u64::from(self.store.chunk)
-    }
-
-    /// Writes `buf` at byte `off`; `zero_full` punches whole unowned-or-owned
-    /// chunks instead of writing (for write-zeroes).
-    fn write_bytes(&self, chain: &Chain, buf: &[u8], off: u64) -> Result<(), BlockError> {
-        let chunk = self.chunk();
-        let top = &chain.top;
-        let end = off + buf.len() as u64;
-        let mut pos = off;
-        while pos < end {
-            let c = pos / chunk;
-            let owned = top.bitmap.get(c);
-            let mut run_end = ((c + 1) * chunk).min(end);
-            while run_end < end && top.bitmap.get(run_end / chunk) == owned {
-                run_end = ((run_end / chunk + 1) * chunk).min(end);
-            }
-            let piece = &buf[usize::try_from(pos - off).expect("in buffer")
-                ..usize::try_from(run_end - off).expect("in buffer")];
-            if owned {
-                write_full(&top.data, piece, pos)?;
-            } else {
-                self.copy_up_write(chain, piece, pos)?;
-            }
-            pos = run_end;
-        }
-        Ok(())
-    }
-
-    /// First write to a run of chunks the top does not own (as seen without the
-    /// lock): under the copy-up lock, writes chunks that became owned directly and
-    /// merges partial chunks with their contents from below.
-    fn copy_up_write(&self, chain: &Chain, piece: &[u8], pos: u64) -> Result<(), BlockError> {
-        let chunk = self.chunk();
-        let top = &chain.top;
-        let mut dirty = lock(&top.copy);
-        let end = pos + piece.len() as u64;
-        let mut p = pos;
-        while p < end {
-            let c = p / chunk;
-            let owned = top.bitmap.get(c);
-            let mut run_end = ((c + 1) * chunk).min(end);
-            while run_end < end && top.bitmap.get(run_end / chunk) == owned {
-                run_end = ((run_end / chunk + 1) * chunk).min(end);
-            }
-            let sub = &piece[usize::try_from(p - pos).expect("in piece")
-                ..usize::try_from(run_end - pos).expect("in piece")];
-            if owned {
-                write_full(&top.data, sub, p)?;
-            } else {
-                let first = p / chunk;
-                let last = (run_end - 1) / chunk;
-                let cstart = first * chunk;
-                let cend = ((last + 1) * chunk).min(self.size);
-                if cstart == p && cend == run_end {
-                    write_full(&top.data, sub, p)?;
-                } else {
-                    let mut merged = vec![0u8; usize::try_from(cend - cstart).expect("run")];
-                    let head = usize::try_from(p - cstart).expect("head");
-                    if head > 0 {
-                        chain.read_at(&mut merged[..head], cstart, chunk, true)?;
-                    }
-                    let tail = usize::try_from(run_end - cstart).expect("tail");
-                    if tail < merged.len() {
-                        chain.read_at(&mut merged[tail..], run_end, chunk, true)?;
-                    }
-                    merged[head..tail].copy_from_slice(sub);
-                    write_full(&top.data, &merged, cstart)?;
-                }
-                for k in first..=last {
-                    if top.bitmap.set(k) {
-                        dirty.mark(k);
-                    }
-                }
-            }
-            p = run_end;
-        }
-        Ok(())
-    }
-
-    fn zero_range(&self, sector: u64, sectors: u64) -> Result<(), BlockError> {
-        let len = sectors.checked_mul(SECTOR_SIZE).ok_or(BlockError::OutOfRange {
-            sector,
-            len: u64::MAX,
-            size: self.size,
-        })?;
-        let off = check_range(sector, len, self.size)?;
-        let chain = self.chain.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let chunk = self.chunk();
-        let end = off + len;
-        let first_full = off.div_ceil(chunk) * chunk;
-        let last_full = (end / chunk) * chunk;
-        let zero_write = |from: u64, to: u64| -> Result<(), BlockError> {
-            let mut p = from;
-            let zeros = vec![0u8; 1 << 20];
-            while p < to {
-                let n = (to - p).min(1 << 20);
-                self.write_bytes(&chain, &zeros[..usize::try_from(n).expect("1 MiB")], p)?;
-                p += n;
-            }
-            Ok(())
-        };
-        if first_full >= last_full {
-            let r = zero_write(off, end);
-            chain.top.writes.fetch_add(1, Ordering::AcqRel);
-            return r;
-        }
-        let r = self.punch_range(&chain, off, end, first_full, last_full, &zero_write);
-        chain.top.writes.fetch_add(1, Ordering::AcqRel);
-        r
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn punch_range(
-        &self,
-        chain: &Chain,
-        off: u64,
-        end: u64,
-        first_full: u64,
-        last_full: u64,
-        zero_write: &dyn Fn(u64, u64) -> Result<(), BlockError>,
-    ) -> Result<(), BlockError> {
-        let chunk = self.chunk();
-        zero_write(off, first_full)?;
-        {
-            let top = &chain.top;
-            let mut dirty = lock(&top.copy);
-            if !punch_hole(&top.data, first_full, last_full - first_full)? {
-                drop(dirty);
-                zero_write(first_full, last_full)?;
-                dirty = lock(&top.copy);
-            }
-            for k in first_full / chunk..last_full / chunk {
-                if top.bitmap.set(k) {
-                    dirty.mark(k);
-                }
-            }
-        }
-        zero_write(last_full, end)
-    }
-}
-
-impl BlockDevice for LayeredDisk {
+impl BlockIo for LayeredDisk {
     fn size(&self) -> u64 {
         self.size
     }
 
-    fn read(&self, sector: u64, buf: &mut [u8]) -> Result<(), BlockError> {
-        let off = check_range(sector, buf.len() as u64, self.size)?;
-        let chain = self.chain.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        chain.read_at(buf, off, self.chunk(), false)
+    fn read_vectored<B: BitmapSlice>(
+        &self,
+        sector: u64,
+        bufs: &[VolatileSlice<'_, B>],
+    ) -> Result<(), BlockError> {
+        self.disk.read_vectored(sector, bufs)
     }
 
-    fn write(&self, sector: u64, buf: &[u8]) -> Result<(), BlockError> {
-        let off = check_range(sector, buf.len() as u64, self.size)?;
-        let chain = self.chain.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let r = self.write_bytes(&chain, buf, off);
-        // Counted once complete (even partly failed), so the next flush syncs it.
-        chain.top.writes.fetch_add(1, Ordering::AcqRel);
-        r
+    fn write_vectored<B: BitmapSlice>(
+        &self,
+        sector: u64,
+        bufs: &[VolatileSlice<'_, B>],
+    ) -> Result<(), BlockError> {
+        self.disk.write_vectored(sector, bufs)
     }
 
     fn flush(&self) -> Result<(), BlockError> {
-        let chain = self.chain.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        flush_writable(&chain.top)
+        self.disk.flush()
     }
 
     fn discard(&self, sector: u64, sectors: u64) -> Result<(), BlockError> {
-        self.zero_range(sector, sectors)
+        self.disk.discard(sector, sectors)
     }
 
     fn write_zeroes(&self, sector: u64, sectors: u64) -> Result<(), BlockError> {
-        self.zero_range(sector, sectors)
+        self.disk.write_zeroes(sector, sectors)
     }
+}
 
+impl BlockDevice for LayeredDisk {
     fn layer(&self) -> LayerId {
-        self.chain.read().unwrap_or_else(std::sync::PoisonError::into_inner).top.id
+        self.disk.top_id().unwrap_or_default()
     }
 
     fn snapshot(&self) -> Result<LayerId, BlockError> {
         let store = &self.store;
-        let mut chain = self.chain.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let old = chain.top.clone();
-        flush_writable(&old)?;
-        failpoint!("layered::snapshot::after_flush");
-        let (id, data, idx) = store.new_layer_files(self.size)?;
-        failpoint!("layered::snapshot::after_files");
-        let mut rec = LayerRecord::new(id, LayerKind::Disk, Some(old.id), self.size);
-        rec.files = vec![data_name(id), index_name(id)];
-        store.catalog.freeze_and_push(old.id, None, &rec)?;
-        failpoint!("layered::snapshot::after_catalog");
-        let top = store.writable_from(&rec, data, idx, true)?;
-        let frozen = Arc::new(Frozen { data: old.data.clone(), bitmap: Some(old.bitmap.clone()) });
-        lock(&store.cache).insert(old.id, Arc::downgrade(&frozen));
-        chain.below.insert(0, frozen);
-        chain.top = Arc::new(top);
-        Ok(old.id)
+        let size = self.size;
+        let (old, frozen) = self.disk.switch_top(|old| -> Result<Writable, BlockError> {
+            old.flush()?;
+            failpoint!("layered::snapshot::after_flush");
+            let id = store.new_layer_files(size)?;
+            failpoint!("layered::snapshot::after_files");
+            let mut rec = LayerRecord::new(id, LayerKind::Disk, Some(old.id()), size);
+            rec.files = vec![data_name(id), index_name(id)];
+            store.catalog.freeze_and_push(old.id(), None, &rec)?;
+            failpoint!("layered::snapshot::after_catalog");
+            store.writable(&rec, true)
+        })?;
+        lock(&store.cache).insert(old, Arc::downgrade(&frozen));
+        Ok(old)
     }
 }
 

@@ -4,21 +4,40 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::VolatileSlice;
+
 use super::format::{self, LayerHeader, LayerKind, Run, HEADER_SIZE};
 use super::layer::LayerInfo;
 use super::{LayerError, LayerId, MemoryLayout, Region};
 
 /// The memory of one guest region, as the VMM holds it.
+///
+/// The bytes are read through a vm-memory [`VolatileSlice`]: volatile loads for the zero
+/// checks and `pwrite(2)` straight from the mapping for the data, never a Rust reference.
+/// So the guest may keep running while a layer is written (a fork's pre-copy): a page it
+/// writes meanwhile may be saved torn, and the caller must write it again from the next
+/// dirty log (the VMM's fork does, in the diff it takes paused).
 #[derive(Debug, Clone, Copy)]
-pub struct RegionMemory<'a> {
-    /// Guest physical address of `mem[0]`.
+pub struct RegionMemory<'a, B = ()> {
+    /// Guest physical address of the first byte.
     pub gpa: u64,
-    /// The region's bytes. The guest must not run while the layer is written.
-    pub mem: &'a [u8],
+    /// The region's bytes.
+    pub mem: VolatileSlice<'a, B>,
     /// For diff layers: the dirty bitmap of this region, bit `i % 64` of word
     /// `i / 64` set when page `i` of the region was written (KVM_GET_DIRTY_LOG's
     /// layout). Ignored by [`write_full`].
     pub dirty: Option<&'a [u64]>,
+}
+
+impl<'a> RegionMemory<'a> {
+    /// A region over plain memory the caller holds (a buffer, a paused guest's mapping).
+    pub fn from_slice(gpa: u64, mem: &'a [u8], dirty: Option<&'a [u64]>) -> Self {
+        // SAFETY: `mem` is live and readable for 'a; the writer only reads through the slice
+        // (volatile loads and pwrite(2)), so the const-to-mut cast is never written through.
+        let mem = unsafe { VolatileSlice::new(mem.as_ptr().cast_mut(), mem.len()) };
+        Self { gpa, mem, dirty }
+    }
 }
 
 /// How to write a layer.
@@ -54,17 +73,17 @@ const PAGEMAP_CHUNK: usize = 1 << 16;
 /// Pushes (via `push`) the non-zero pages of `mem`, whose first page is memory page
 /// `first`, skipping unpopulated pages when `pagemap` is given (see
 /// [`WriteOptions::skip_unpopulated`]).
-fn scan_full(
-    mem: &[u8],
+fn scan_full<B: BitmapSlice>(
+    mem: &VolatileSlice<'_, B>,
     ps: usize,
     first: u64,
     pagemap: Option<&File>,
     push: &mut dyn FnMut(u64),
 ) -> Result<(), LayerError> {
-    let addr = mem.as_ptr() as usize;
+    let addr = mem.ptr_guard().as_ptr() as usize;
     let Some(pm) = pagemap.filter(|_| addr.is_multiple_of(ps)) else {
-        for (i, pg) in mem.chunks_exact(ps).enumerate() {
-            if !is_zero(pg) {
+        for i in 0..mem.len() / ps {
+            if !page_is_zero(mem, i * ps, ps) {
                 push(first + i as u64);
             }
         }
@@ -86,7 +105,7 @@ fn scan_full(
                 continue;
             }
             let p = i + j;
-            if !is_zero(&mem[p * ps..(p + 1) * ps]) {
+            if !page_is_zero(mem, p * ps, ps) {
                 push(first + p as u64);
             }
         }
@@ -97,6 +116,16 @@ fn scan_full(
 
 /// Largest single pwrite.
 const MAX_WRITE: usize = 8 << 20;
+
+/// Whether `len` bytes of `mem` from `off` are all zero (volatile loads; the range is inside
+/// `mem`, which the callers' page arithmetic guarantees).
+fn page_is_zero<B: BitmapSlice>(mem: &VolatileSlice<'_, B>, off: usize, len: usize) -> bool {
+    match mem.subslice(off, len) {
+        Ok(s) => super::sys::is_zero_volatile(s.ptr_guard().as_ptr(), len),
+        // Out of range cannot happen; reporting "not zero" keeps the page.
+        Err(_) => false,
+    }
+}
 
 /// Whether a page is all zeros (vectorises well: OR-folds 64-byte chunks).
 pub(crate) fn is_zero(page: &[u8]) -> bool {
@@ -110,25 +139,28 @@ pub(crate) fn is_zero(page: &[u8]) -> bool {
 }
 
 /// Writes a full layer: every non-zero page of `regions`.
-pub fn write_full(
+pub fn write_full<B: BitmapSlice>(
     path: impl AsRef<Path>,
-    regions: &[RegionMemory<'_>],
+    regions: &[RegionMemory<'_, B>],
     opts: &WriteOptions,
 ) -> Result<LayerInfo, LayerError> {
     write_layer(path.as_ref(), LayerKind::Full, None, regions, opts)
 }
 
 /// Writes a diff layer on top of `parent`: the pages set in each region's dirty bitmap.
-pub fn write_diff(
+pub fn write_diff<B: BitmapSlice>(
     path: impl AsRef<Path>,
     parent: &LayerInfo,
-    regions: &[RegionMemory<'_>],
+    regions: &[RegionMemory<'_, B>],
     opts: &WriteOptions,
 ) -> Result<LayerInfo, LayerError> {
     write_layer(path.as_ref(), LayerKind::Diff, Some(parent), regions, opts)
 }
 
-fn layout_of(page_size: u32, regions: &[RegionMemory<'_>]) -> Result<MemoryLayout, LayerError> {
+fn layout_of<B: BitmapSlice>(
+    page_size: u32,
+    regions: &[RegionMemory<'_, B>],
+) -> Result<MemoryLayout, LayerError> {
     MemoryLayout::new(
         page_size,
         regions.iter().map(|r| Region { gpa: r.gpa, len: r.mem.len() as u64 }).collect(),
@@ -147,11 +179,42 @@ impl Drop for TmpGuard {
     }
 }
 
-fn write_layer(
+/// The writer of a temporary layer file `.NAME.tmp-PID-RAND`, if `name` is one.
+fn tmp_owner(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix('.')?;
+    let (_, tail) = rest.rsplit_once(".tmp-")?;
+    let (pid, rand) = tail.split_once('-')?;
+    if rand.is_empty() || !rand.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+/// Removes the temporary layer files (`.NAME.tmp-PID-RAND`) in `dir` that a writer left
+/// behind when it was killed: those whose writing process is gone, and this process's own
+/// when `own` (after a failed write of ours). A live writer's files are kept. Returns what
+/// was removed; a directory that cannot be read has nothing to sweep.
+pub fn sweep_stale_tmp(dir: &Path, own: bool) -> Vec<PathBuf> {
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut removed = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(tmp_owner) else { continue };
+        let gone = if pid == me { own } else { !Path::new(&format!("/proc/{pid}")).exists() };
+        let regular = e.file_type().is_ok_and(|t| t.is_file());
+        if gone && regular && std::fs::remove_file(e.path()).is_ok() {
+            removed.push(e.path());
+        }
+    }
+    removed
+}
+
+fn write_layer<B: BitmapSlice>(
     path: &Path,
     kind: LayerKind,
     parent: Option<&LayerInfo>,
-    regions: &[RegionMemory<'_>],
+    regions: &[RegionMemory<'_, B>],
     opts: &WriteOptions,
 ) -> Result<LayerInfo, LayerError> {
     let page_size = opts.page_size.unwrap_or_else(super::host_page_size);
@@ -182,7 +245,7 @@ fn write_layer(
             _ => runs.push(Run { start: page, count: 1 }),
         };
         match kind {
-            LayerKind::Full => scan_full(r.mem, ps, first, pagemap.as_ref(), &mut push)?,
+            LayerKind::Full => scan_full(&r.mem, ps, first, pagemap.as_ref(), &mut push)?,
             LayerKind::Diff => {
                 let bm = r.dirty.ok_or_else(|| {
                     LayerError::Input(format!("region at {:#x} has no dirty bitmap", r.gpa))
@@ -227,7 +290,11 @@ fn write_layer(
     let mut flush = |p: Option<(usize, usize, usize, u64)>| -> Result<(), LayerError> {
         if let Some((ri, off, len, page)) = p {
             let at = header.page_offset(page);
-            file.write_all_at(&regions[ri].mem[off..off + len], at)
+            let src = regions[ri]
+                .mem
+                .subslice(off, len)
+                .map_err(|_| LayerError::Input("page outside its region".into()))?;
+            super::sys::pwrite_all_volatile(file, src.ptr_guard().as_ptr(), len, at)
                 .map_err(|e| LayerError::io("write pages", tmp, e))?;
             data_bytes += len as u64;
         }
@@ -243,7 +310,7 @@ fn write_layer(
                 .map_err(|_| LayerError::Input("region too large".into()))?
                 * ps;
             // Full layers only list non-zero pages already.
-            if kind == LayerKind::Diff && is_zero(&regions[ri].mem[off..off + ps]) {
+            if kind == LayerKind::Diff && page_is_zero(&regions[ri].mem, off, ps) {
                 continue;
             }
             match &mut pending {

@@ -1,7 +1,7 @@
 //! Opening and reading one layer file.
 
-use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use super::format::{self, LayerHeader, LayerKind, Run, HEADER_SIZE};
@@ -35,13 +35,27 @@ pub struct Layer {
     pub(crate) runs: Vec<Run>,
 }
 
+/// Opens `path` read-only without blocking (`O_NONBLOCK`: a FIFO must not hang the open)
+/// and checks on the descriptor that it is a regular file; returns it with its size.
+pub(crate) fn open_regular(path: &Path) -> Result<(File, u64), LayerError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| LayerError::io("open", path, e))?;
+    let m = file.metadata().map_err(|e| LayerError::io("stat", path, e))?;
+    if !m.file_type().is_file() {
+        return Err(LayerError::NotRegular { path: path.to_path_buf() });
+    }
+    Ok((file, m.len()))
+}
+
 impl Layer {
     /// Opens and validates a layer: magic, version, header checksum, fields, exact
     /// file length, index checksum and index consistency.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, LayerError> {
         let path = path.as_ref();
-        let file = File::open(path).map_err(|e| LayerError::io("open", path, e))?;
-        let actual = file.metadata().map_err(|e| LayerError::io("stat", path, e))?.len();
+        let (file, actual) = open_regular(path)?;
         if actual < HEADER_SIZE as u64 {
             return Err(LayerError::Truncated { expected: HEADER_SIZE as u64, actual });
         }

@@ -7,14 +7,16 @@
 //! regions (guest physical address + length, sorted, e.g. split around the 3 GiB
 //! MMIO gap). Pages are numbered as "memory pages": the regions laid end to end.
 //!
-//! **Snapshot** (vCPUs paused, so the slices are stable):
+//! **Snapshot**: guest memory is read through vm-memory `VolatileSlice`s (volatile loads
+//! and pwrite(2), no Rust reference), so a pre-copy may run while the guest does; pages it
+//! writes meanwhile may be torn and must be written again from the next dirty log:
 //! ```text
-//! use grove_storage::memory::*;
-//! let regions = [RegionMemory { gpa: 0, mem: low_slice, dirty: None },
-//!                RegionMemory { gpa: 1 << 32, mem: high_slice, dirty: None }];
+//! use grove_memory::*;
+//! let regions = [RegionMemory { gpa: 0, mem: low_volatile_slice, dirty: None },
+//!                RegionMemory::from_slice(1 << 32, high_plain_slice, None)];
 //! let base: LayerInfo = write_full(dir.join("0000.mlayer"), &regions, &WriteOptions::default())?;
 //! // later: one KVM dirty bitmap (KVM_GET_DIRTY_LOG, one u64 word per 64 pages) per region
-//! let regions = [RegionMemory { gpa: 0, mem: low_slice, dirty: Some(&bitmap0) }, ...];
+//! let regions = [RegionMemory { gpa: 0, mem: low_volatile_slice, dirty: Some(&bitmap0) }, ...];
 //! let d1 = write_diff(dir.join("0001.mlayer"), &base, &regions, &WriteOptions::default())?;
 //! ```
 //! For the first full layer of a freshly booted guest whose RAM is private anonymous
@@ -74,7 +76,7 @@ pub use mmap::{plan_mmap, restore_mmap, MappedMemory, MmapOptions, MmapPlan, Res
 pub use sys::{map_file_fixed, Mapping, RestoredRegion};
 pub use uffd::{PageServerError, PageServerStats, Prefetch, UffdMemory, UffdOptions};
 pub use working_set::WorkingSet;
-pub use writer::{sync_layer, write_diff, write_full, RegionMemory, WriteOptions};
+pub use writer::{sweep_stale_tmp, sync_layer, write_diff, write_full, RegionMemory, WriteOptions};
 
 use std::path::PathBuf;
 
@@ -91,6 +93,13 @@ pub enum LayerError {
         /// The cause.
         #[source]
         source: std::io::Error,
+    },
+    /// A directory, FIFO, device... where a layer file is meant (refused before reading:
+    /// a FIFO would block, a device would be read without end).
+    #[error("{path} is not a regular file")]
+    NotRegular {
+        /// The file.
+        path: PathBuf,
     },
     /// The file does not start with the layer (or working-set) magic.
     #[error("not a Grove memory layer (bad magic)")]

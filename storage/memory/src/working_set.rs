@@ -110,7 +110,12 @@ impl WorkingSet {
     /// Reads and validates a file.
     pub fn load(path: impl AsRef<Path>) -> Result<Self, LayerError> {
         let path = path.as_ref();
-        let b = std::fs::read(path).map_err(|e| LayerError::io("read", path, e))?;
+        let (file, size) = crate::layer::open_regular(path)?;
+        // Bounded by the size fstat gave (a file growing meanwhile is cut there; decode
+        // checks the length against the header).
+        let mut b = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+        std::io::Read::read_to_end(&mut std::io::Read::take(file, size), &mut b)
+            .map_err(|e| LayerError::io("read", path, e))?;
         Self::decode(&b)
     }
 

@@ -4,6 +4,7 @@ use super::chain::{overlay, Segment};
 use super::format::{self, LayerHeader, LayerKind, Run, HEADER_SIZE};
 use super::*;
 use proptest::prelude::*;
+use std::path::Path;
 
 fn layout() -> MemoryLayout {
     MemoryLayout::new(
@@ -117,6 +118,39 @@ fn working_set_round_trip_and_corruption() {
     assert!(ws.check(LayerId(5), 4096, 96).is_ok());
     assert!(matches!(ws.check(LayerId(6), 4096, 96), Err(LayerError::WorkingSetMismatch { .. })));
     assert!(ws.check(LayerId(5), 4096, 50).is_err());
+}
+
+#[test]
+fn special_files_are_refused_as_layers_without_blocking() {
+    let d = tempfile::tempdir().unwrap();
+    let fifo = d.path().join("0000.mlayer");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: `c` is a NUL-terminated path that lives across the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    // A FIFO with no writer blocked `open` forever; a device was read without end.
+    for p in [fifo.as_path(), d.path(), Path::new("/dev/zero")] {
+        let e = Layer::open(p).unwrap_err();
+        assert!(matches!(e, LayerError::NotRegular { .. }), "{}: {e}", p.display());
+        let e = WorkingSet::load(p).unwrap_err();
+        assert!(matches!(e, LayerError::NotRegular { .. }), "{}: {e}", p.display());
+    }
+}
+
+#[test]
+fn stale_temporary_layers_are_swept() {
+    let d = tempfile::tempdir().unwrap();
+    let me = std::process::id();
+    // PID 0 is never a process: a killed writer's leftover.
+    let dead = d.path().join(".0001.mlayer.tmp-0-1f");
+    let mine = d.path().join(format!(".0002.mlayer.tmp-{me}-2e"));
+    let keep = [d.path().join("0001.mlayer"), d.path().join(".x.tmp-1-zz"), d.path().join("a.tmp")];
+    for p in keep.iter().chain([&dead, &mine]) {
+        std::fs::write(p, b"x").unwrap();
+    }
+    assert_eq!(sweep_stale_tmp(d.path(), false), vec![dead.clone()]);
+    assert!(mine.exists(), "a live writer's file is kept");
+    assert_eq!(sweep_stale_tmp(d.path(), true), vec![mine]);
+    assert!(keep.iter().all(|p| p.exists()), "other files are kept");
 }
 
 fn to_runs(pages: &[bool]) -> Vec<Run> {

@@ -20,10 +20,8 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use userfaultfd::{Event, EventBuffer, IoctlFlags, Uffd, UffdBuilder};
-
 use super::chain::Chain;
-use super::sys::{self, Mapping, RestoredRegion};
+use super::sys::{self, Mapping, RestoredRegion, Uffd, UFFD_NEEDED_IOCTLS};
 use super::working_set::WorkingSet;
 use super::LayerError;
 
@@ -40,8 +38,13 @@ pub enum PageServerError {
         op: &'static str,
         /// The cause.
         #[source]
-        source: userfaultfd::Error,
+        source: std::io::Error,
     },
+    /// The kernel does not offer the ioctls the page server needs on guest memory.
+    #[error(
+        "userfaultfd register: the kernel offers ioctls {0:#x}, copy, zeropage and wake needed"
+    )]
+    MissingIoctls(u64),
     /// A system call failed.
     #[error("{op} failed")]
     Sys {
@@ -144,7 +147,7 @@ impl Shared {
         for m in &self.maps {
             // Protect first, then wake: a woken access retries and finds PROT_NONE.
             let _ = m.protect_none();
-            let _ = self.uffd.wake(m.addr() as *mut libc::c_void, m.len());
+            let _ = self.uffd.wake(m.addr(), m.len());
         }
         sys::eventfd_signal(&self.failed_fd);
     }
@@ -173,17 +176,12 @@ struct Server {
     ws_index: HashMap<u64, usize>,
 }
 
-fn uffd_err(op: &'static str) -> impl Fn(userfaultfd::Error) -> PageServerError {
+fn uffd_err(op: &'static str) -> impl Fn(std::io::Error) -> PageServerError {
     move |source| PageServerError::Uffd { op, source }
 }
 
-fn errno_of(e: &userfaultfd::Error) -> Option<i32> {
-    match e {
-        userfaultfd::Error::CopyFailed(n) | userfaultfd::Error::ZeropageFailed(n) => {
-            Some(*n as i32)
-        }
-        _ => None,
-    }
+fn errno_of(e: &std::io::Error) -> Option<i32> {
+    e.raw_os_error()
 }
 
 impl Server {
@@ -285,29 +283,15 @@ impl Server {
             // SAFETY: `src[done..]` is a live buffer of `rest` bytes; `dst + done ..
             // + rest` lies inside a registered guest region (computed from the
             // region table); UFFDIO_COPY only fills missing pages there atomically.
-            let r = unsafe {
-                self.sh.uffd.copy(
-                    src[done..].as_ptr().cast(),
-                    (dst + done) as *mut libc::c_void,
-                    rest,
-                    true,
-                )
-            };
+            let r = unsafe { self.sh.uffd.copy(src[done..].as_ptr(), dst + done, rest) };
             match r {
                 Ok(c) if c > 0 && c <= rest => done += c,
-                Err(userfaultfd::Error::PartiallyCopied(c)) if c > 0 && c <= rest => done += c,
                 Err(ref e) if errno_of(e) == Some(libc::EEXIST) => {
                     // Some page is already there (a racing fill): go page by page.
                     for off in (done..src.len()).step_by(self.ps) {
                         // SAFETY: as above, one page.
-                        let r = unsafe {
-                            self.sh.uffd.copy(
-                                src[off..].as_ptr().cast(),
-                                (dst + off) as *mut libc::c_void,
-                                self.ps,
-                                true,
-                            )
-                        };
+                        let r =
+                            unsafe { self.sh.uffd.copy(src[off..].as_ptr(), dst + off, self.ps) };
                         match r {
                             Ok(_) => {}
                             Err(ref e) if errno_of(e) == Some(libc::EEXIST) => {
@@ -318,7 +302,7 @@ impl Server {
                     }
                     return Ok(());
                 }
-                Ok(_) | Err(userfaultfd::Error::PartiallyCopied(_)) => {
+                Ok(_) => {
                     retries += 1;
                     if retries > 10_000 {
                         return Err(PageServerError::Sys {
@@ -336,7 +320,7 @@ impl Server {
     fn zero(&self, dst: usize, len: usize) -> Result<(), PageServerError> {
         // SAFETY: `dst .. dst + len` lies inside a registered guest region;
         // UFFDIO_ZEROPAGE only maps the zero page where pages are missing.
-        let r = unsafe { self.sh.uffd.zeropage(dst as *mut libc::c_void, len, true) };
+        let r = unsafe { self.sh.uffd.zeropage(dst, len) };
         match r {
             Ok(_) => Ok(()),
             Err(ref e)
@@ -345,9 +329,7 @@ impl Server {
                 // Partly present already: page by page, waking what exists.
                 for off in (0..len).step_by(self.ps) {
                     // SAFETY: as above, one page.
-                    let r = unsafe {
-                        self.sh.uffd.zeropage((dst + off) as *mut libc::c_void, self.ps, true)
-                    };
+                    let r = unsafe { self.sh.uffd.zeropage(dst + off, self.ps) };
                     match r {
                         Ok(_) => {}
                         Err(ref e) if errno_of(e) == Some(libc::EEXIST) => {
@@ -363,7 +345,7 @@ impl Server {
     }
 
     fn wake(&self, addr: usize, len: usize) -> Result<(), PageServerError> {
-        self.sh.uffd.wake(addr as *mut libc::c_void, len).map_err(uffd_err("wake"))
+        self.sh.uffd.wake(addr, len).map_err(uffd_err("wake"))
     }
 
     fn serve_fault(&mut self, addr: usize) -> Result<(), PageServerError> {
@@ -425,7 +407,7 @@ impl Server {
 
     fn run(&mut self) -> Result<(), PageServerError> {
         let fds: [RawFd; 2] = [self.sh.uffd.as_raw_fd(), self.sh.stop_fd.as_raw_fd()];
-        let mut events = EventBuffer::new(64);
+        let mut addrs = Vec::new();
         loop {
             let pending = self.prefetch_pos < self.prefetch.len();
             let ready = sys::poll_readable(&fds, if pending { 0 } else { -1 })
@@ -434,13 +416,9 @@ impl Server {
                 return Ok(());
             }
             if ready[0] {
-                let mut addrs = Vec::new();
-                for ev in self.sh.uffd.read_events(&mut events).map_err(uffd_err("read"))? {
-                    if let Event::Pagefault { addr, .. } = ev.map_err(uffd_err("read"))? {
-                        addrs.push(addr as usize);
-                    }
-                }
-                for a in addrs {
+                addrs.clear();
+                self.sh.uffd.read_faults(&mut addrs).map_err(uffd_err("read"))?;
+                for &a in &addrs {
                     self.serve_fault(a)?;
                 }
             } else if pending {
@@ -476,24 +454,17 @@ impl UffdMemory {
                 Some(w.pages.clone())
             }
         };
-        let uffd = UffdBuilder::new()
-            .close_on_exec(true)
-            .non_blocking(true)
-            // KVM touches guest memory from the kernel (get_user_pages).
-            .user_mode_only(false)
-            .create()
-            .map_err(uffd_err("create"))?;
+        // Not user-mode only: KVM touches guest memory from the kernel (get_user_pages).
+        let uffd = Uffd::new().map_err(uffd_err("create"))?;
         let mut maps = Vec::new();
         let mut regions = Vec::new();
         for r in &layout.regions {
             let len = usize::try_from(r.len).map_err(|_| PageServerError::TooLarge(r.len))?;
             let m = Mapping::anonymous(len)
                 .map_err(|source| PageServerError::Sys { op: "reserve guest memory", source })?;
-            let ioctls =
-                uffd.register(m.addr() as *mut libc::c_void, len).map_err(uffd_err("register"))?;
-            let need = IoctlFlags::COPY | IoctlFlags::ZEROPAGE | IoctlFlags::WAKE;
-            if !ioctls.contains(need) {
-                return Err(uffd_err("register")(userfaultfd::Error::UnsupportedIoctls(ioctls)));
+            let ioctls = uffd.register(m.addr(), len).map_err(uffd_err("register"))?;
+            if ioctls & UFFD_NEEDED_IOCTLS != UFFD_NEEDED_IOCTLS {
+                return Err(PageServerError::MissingIoctls(ioctls));
             }
             regions.push(RestoredRegion { gpa: r.gpa, host_addr: m.addr(), len });
             maps.push(m);
