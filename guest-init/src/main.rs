@@ -32,6 +32,24 @@ fn main() {
     if std::process::id() == 1 {
         pid1::run(args.iter().any(|a| a == "--stage2"));
     }
+    // `--inb PORT`: one byte from an I/O port, in decimal (the test host's probes read the
+    // Grove identity and generation ports with it where the kernel has no /dev/port).
+    if let [flag, port] = args.as_slice() {
+        if flag == "--inb" {
+            let p = port
+                .strip_prefix("0x")
+                .map_or_else(|| port.parse(), |h| u16::from_str_radix(h, 16));
+            match p.map_err(|e| e.to_string()).and_then(|p| sys::inb(p).map_err(|e| e.to_string()))
+            {
+                Ok(v) => println!("{v}"),
+                Err(e) => {
+                    eprintln!("guest-init --inb {port}: {e}");
+                    std::process::exit(1);
+                }
+            }
+            return;
+        }
+    }
     if !args.iter().any(|a| a == "--agent-only") {
         eprintln!("guest-init: not PID 1; pass --agent-only to run only the agent");
         usage();

@@ -6,6 +6,8 @@
 //!    initramfs' own modules.dep), wait for the root device, mount it on /newroot, move
 //!    /dev /proc /sys into it, switch_root (MS_MOVE to / + chroot) and exec
 //!    `grove.init` (default /sbin/guest-init) with `--stage2`.
+//!    Without `root=` the initramfs stays the root: `grove.modules=` are loaded, then the
+//!    system stage runs in it.
 //! 2. system stage: the remaining mounts, hostname, loopback + `ip=`, reaper and signal
 //!    thread, agent listeners (vsock port 1024 and `grove.listen=`), boot-timer port write,
 //!    `guest-init: ready` on the console.
@@ -94,6 +96,14 @@ pub fn run(stage2: bool) -> ! {
         if let Err(e) = initramfs_stage(&cmdline) {
             log(&format!("initramfs stage failed: {e}; powering off"));
             power(PowerAction::Poweroff);
+        }
+    } else if !stage2 {
+        // The initramfs is the root (no `root=`): its modules are loaded here, before the
+        // agent binds its vsock listener.
+        if let Some(m) = cmdline.get("grove.modules") {
+            let t = Instant::now();
+            load_modules(m);
+            log(&format!("modules loaded in {} ms (initramfs root)", t.elapsed().as_millis()));
         }
     }
     system_stage(&cmdline, sigset, t0)
@@ -289,9 +299,44 @@ fn system_stage(c: &Cmdline, sigset: Option<libc::sigset_t>, t0: Instant) -> ! {
         agent::uptime_ms(),
         t0.elapsed().as_millis()
     ));
+    if let Some(run) = c.get("grove.run") {
+        start_run(run);
+    }
     let _keep: Arc<agent::Ctx> = ctx;
     loop {
         std::thread::park();
+    }
+}
+
+/// `grove.run=PATH[,ARG...]`: one program started after the ready mark, on the console, in its
+/// own session (a test scenario's probe inside the guest, until devices bring the agent). Its
+/// exit is logged; PID 1 goes on either way (the program asks for a reboot or poweroff with
+/// SIGINT or SIGPWR to PID 1 if it wants one).
+fn start_run(spec: &str) {
+    let mut parts = spec.split(',').filter(|s| !s.is_empty());
+    let Some(prog) = parts.next() else {
+        log("grove.run: empty");
+        return;
+    };
+    let mut cmd = std::process::Command::new(prog);
+    cmd.args(parts).env_clear().env("PATH", "/bin:/sbin:/usr/bin:/usr/sbin").env("HOME", "/");
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // sys::child_setup, which makes async-signal-safe syscalls and does not allocate (new
+    // session, PID 1's blocked signals unblocked).
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || sys::child_setup(false, None));
+    }
+    match crate::reaper::spawn(&mut cmd) {
+        Ok((child, rx)) => {
+            log(&format!("grove.run: started {prog} (pid {})", child.id()));
+            let prog = prog.to_string();
+            std::thread::spawn(move || {
+                if let Ok(status) = rx.recv() {
+                    log(&format!("grove.run: {prog} exited (wait status {status:#x})"));
+                }
+            });
+        }
+        Err(e) => log(&format!("grove.run: cannot start {prog}: {e}")),
     }
 }
 

@@ -37,6 +37,20 @@ pub fn boot_timer_ready() -> io::Result<()> {
     Ok(())
 }
 
+/// Reads one byte from I/O port `port` (the Grove ports: identity 0x444, generation 0x448),
+/// for probes on kernels without `/dev/port`. Needs CAP_SYS_RAWIO.
+pub fn inb(port: u16) -> io::Result<u8> {
+    // SAFETY: ioperm only changes this thread's I/O permission bitmap.
+    check(unsafe { libc::ioperm(libc::c_ulong::from(port), 1, 1) })?;
+    let v: u8;
+    // SAFETY: the port was just made accessible to this thread; reading a byte from an I/O
+    // port touches no memory of this process (an absent port reads 0xff).
+    unsafe {
+        std::arch::asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags));
+    }
+    Ok(v)
+}
+
 /// finit_module(2) on an open module file.
 pub fn finit_module(file: &File, params: &str) -> io::Result<()> {
     let p = cstr(params)?;

@@ -1,6 +1,9 @@
 //! The guest agent as an ordinary process on the host (`--agent-only`), driven through
 //! grove-proto's client over a unix socket.
 
+#[path = "../../testsupport/skip.rs"]
+mod skip;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
@@ -131,7 +134,7 @@ mod tests {
     #[test]
     fn exec_as_user() {
         if !is_root() {
-            println!("skipped: switching users needs root");
+            skip::missing("root", "switching users needs root");
             return;
         }
         let a = Agent::start();
@@ -514,7 +517,7 @@ mod tests {
         assert!(Path::new("/etc/passwd").exists());
 
         if !is_root() {
-            println!("skipped: EACCES checks need root (to act as another user)");
+            skip::missing("root", "EACCES checks need root (to act as another user)");
             return;
         }
         // EACCES: file operations as nobody (per-thread fsuid) on root-owned files.
@@ -754,7 +757,7 @@ mod tests {
     #[test]
     fn exec_user_gets_supplementary_groups() {
         if !is_root() {
-            println!("skipped: switching users needs root");
+            skip::missing("root", "switching users needs root");
             return;
         }
         // Any group of this host's /etc/group with a member that /etc/passwd knows.
@@ -799,5 +802,141 @@ mod tests {
             )
             .unwrap();
         assert_eq!(String::from_utf8_lossy(&r.stdout).trim(), "65534");
+    }
+
+    // ---- the client's streaming side (grove-proto::client) ---------------------------------
+
+    #[test]
+    fn an_interactive_exec_streams_while_another_thread_types() {
+        let a = Agent::start();
+        let mut c = a.client();
+        let id = c
+            .exec_start(ExecStart {
+                argv: argv(&["sh", "-c", "while read l; do echo got-$l; done; echo bye"]),
+                stdin: true,
+                ..Default::default()
+            })
+            .unwrap();
+        let tx = c.sender();
+        tx.stdin(id, b"a\n", false).unwrap();
+        // The answer to the first line arrives before any more input is sent.
+        let mut out = Vec::new();
+        while !out.ends_with(b"got-a\n") {
+            match c.exec_next(id).unwrap() {
+                grove_proto::client::ExecEvent::Output { data, .. } => out.extend(data),
+                grove_proto::client::ExecEvent::Exit(e) => panic!("exited early: {e:?}"),
+                grove_proto::client::ExecEvent::Started(_) => {}
+            }
+        }
+        let typist = std::thread::spawn(move || tx.stdin(id, b"b\nc\n", true).unwrap());
+        let mut code = None;
+        while code.is_none() {
+            match c.exec_next(id).unwrap() {
+                grove_proto::client::ExecEvent::Output { data, .. } => out.extend(data),
+                grove_proto::client::ExecEvent::Exit(e) => {
+                    code = grove_proto::client::exit_code(&e);
+                }
+                grove_proto::client::ExecEvent::Started(_) => {}
+            }
+        }
+        typist.join().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out), "got-a\ngot-b\ngot-c\nbye\n");
+        assert_eq!(code, Some(0));
+    }
+
+    #[test]
+    fn large_stdin_and_large_output_at_once_do_not_deadlock() {
+        // cat writes while it reads: a client that sent all stdin before reading would stall
+        // once both directions' buffers are full.
+        let a = Agent::start();
+        let mut c = a.client();
+        let data: Vec<u8> = (0..8u32 << 20).map(|i| (i * 7 + i / 4096) as u8).collect();
+        let r =
+            c.exec(ExecStart { argv: argv(&["cat"]), ..Default::default() }, Some(&data)).unwrap();
+        assert_eq!(r.code(), Some(0));
+        assert!(r.stdout == data, "cat returned {} bytes of {}", r.stdout.len(), data.len());
+    }
+
+    #[test]
+    fn files_stream_through_readers_and_writers() {
+        let a = Agent::start();
+        let mut c = a.client();
+        let data: Vec<u8> = (0..(3u32 << 20) + 12345).map(|i| (i % 251) as u8).collect();
+        let open = FileWriteOpen { path: "/big".into(), ..Default::default() };
+        assert_eq!(c.write_file_from(open, &mut data.as_slice()).unwrap(), data.len() as u64);
+        assert_eq!(std::fs::read(a.root().join("big")).unwrap(), data);
+        let mut back = Vec::new();
+        let n = c
+            .read_file_to(FileRead { path: "/big".into(), ..Default::default() }, &mut back)
+            .unwrap();
+        assert_eq!(n, data.len() as u64);
+        assert!(back == data);
+        // An empty source makes an empty file.
+        let open = FileWriteOpen { path: "/empty".into(), ..Default::default() };
+        assert_eq!(c.write_file_from(open, &mut std::io::empty()).unwrap(), 0);
+        assert_eq!(std::fs::metadata(a.root().join("empty")).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn a_signal_sent_from_another_thread_ends_the_exec() {
+        let a = Agent::start();
+        let mut c = a.client();
+        let id = c
+            .exec_start(ExecStart { argv: argv(&["sleep", "100"]), ..Default::default() })
+            .unwrap();
+        assert!(matches!(c.exec_next(id).unwrap(), grove_proto::client::ExecEvent::Started(_)));
+        let tx = c.sender();
+        std::thread::spawn(move || tx.signal(id, libc::SIGTERM).unwrap()).join().unwrap();
+        let r = c.collect_exec(id).unwrap();
+        assert_eq!(r.signal(), Some(libc::SIGTERM));
+    }
+
+    #[test]
+    fn a_client_whose_agent_died_gets_gone() {
+        let mut a = Agent::start();
+        let mut c = a.client();
+        let id = c
+            .exec_start(ExecStart { argv: argv(&["sleep", "100"]), ..Default::default() })
+            .unwrap();
+        a.child.kill().unwrap();
+        a.child.wait().unwrap();
+        let e = loop {
+            match c.exec_next(id) {
+                Ok(_) => {}
+                Err(e) => break e,
+            }
+        };
+        assert!(e.is_gone(), "{e:?}");
+        let e = c.ping().unwrap_err();
+        assert!(e.is_gone(), "{e:?}");
+    }
+
+    #[test]
+    fn connect_retry_waits_for_an_agent_that_starts_late() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("late.sock");
+        let addr = format!("unix:{}", sock.display());
+        let t = std::time::Instant::now();
+        let s2 = sock.clone();
+        let starter = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            Command::new(env!("CARGO_BIN_EXE_guest-init"))
+                .args(["--agent-only", "--listen"])
+                .arg(format!("unix:{}", s2.display()))
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap()
+        });
+        let mut c = GuestClient::connect_retry(
+            &addr,
+            t + Duration::from_secs(30),
+            Duration::from_secs(5),
+            Some(Duration::from_secs(30)),
+        )
+        .unwrap();
+        let mut child = starter.join().unwrap();
+        assert_eq!(c.run(&["echo", "late"]).unwrap().stdout, b"late\n");
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }

@@ -2,15 +2,17 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
 
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
+use crate::input::{self, Accept};
 use crate::layout::{
     CMDLINE_ADDR, CMDLINE_MAX, EBDA_START, HIMEM_START, PAGE_SIZE, ZERO_PAGE_ADDR,
 };
-use crate::memory::{GuestRam, RamRegion};
+use crate::memory::{GuestMemory, GuestRam, RamRegion};
 
 /// Default command line when none is given.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
@@ -37,6 +39,15 @@ pub enum BootError {
         #[source]
         source: std::io::Error,
     },
+    /// The kernel path names something other than a readable regular file.
+    #[error("kernel {path}")]
+    KernelInput {
+        /// The path given.
+        path: String,
+        /// Why it was refused.
+        #[source]
+        source: crate::input::InputError,
+    },
     /// Neither an ELF nor a bzImage.
     #[error("{path} is not a kernel: neither an x86-64 ELF nor a bzImage")]
     NotAKernel {
@@ -50,21 +61,22 @@ pub enum BootError {
         path: String,
     },
     /// linux-loader refused the image.
-    #[error("cannot load kernel {path}: {reason}")]
+    #[error("cannot load kernel {path}")]
     Load {
         /// The path given.
         path: String,
         /// The loader's reason.
-        reason: String,
+        #[source]
+        source: linux_loader::loader::Error,
     },
-    /// The initrd file cannot be read.
-    #[error("cannot read initrd {path}")]
-    InitrdFile {
+    /// The initrd path names something other than a readable regular file.
+    #[error("initrd {path}")]
+    InitrdInput {
         /// The path given.
         path: String,
-        /// The OS error.
+        /// Why it was refused.
         #[source]
-        source: std::io::Error,
+        source: crate::input::InputError,
     },
     /// The initrd does not fit between the kernel and the top of low memory.
     #[error("initrd of {size} bytes does not fit in guest memory (kernel ends at {kernel_end:#x}, low RAM ends at {limit:#x})")]
@@ -76,9 +88,17 @@ pub enum BootError {
         /// Highest address usable.
         limit: u64,
     },
-    /// Bad command line.
-    #[error("bad command line: {0}")]
-    Cmdline(String),
+    /// The command line is longer than the kernel accepts.
+    #[error("bad command line: {len} bytes, at most {max} allowed")]
+    CmdlineTooLong {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The command line holds a byte that is not printable ASCII.
+    #[error("bad command line: byte {0:#04x} is not printable ASCII")]
+    CmdlineByte(u8),
     /// Writing into guest memory failed (guest too small for the layout).
     #[error("guest memory too small for the boot structures at {0:#x}")]
     GuestWrite(u64),
@@ -132,14 +152,12 @@ pub fn detect(file: &mut File, path: &str) -> Result<KernelFormat, BootError> {
 
 /// Loads an ELF vmlinux (PT_LOAD segments at their p_paddr) or a bzImage (protected-mode code
 /// at code32_start, entered at its 64-bit entry point).
-pub fn load_kernel(mem: &GuestMemoryMmap, path: &str) -> Result<LoadedKernel, BootError> {
-    let mut file = File::open(path)
-        .map_err(|source| BootError::KernelFile { path: path.to_string(), source })?;
+pub fn load_kernel(mem: &GuestMemory, path: &str) -> Result<LoadedKernel, BootError> {
+    let (mut file, _) = input::open(Path::new(path), Accept::Regular)
+        .map_err(|source| BootError::KernelInput { path: path.to_string(), source })?;
     let format = detect(&mut file, path)?;
-    let load_err = |e: linux_loader::loader::Error| BootError::Load {
-        path: path.to_string(),
-        reason: e.to_string(),
-    };
+    let load_err =
+        |source: linux_loader::loader::Error| BootError::Load { path: path.to_string(), source };
     match format {
         KernelFormat::Elf => {
             let r = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
@@ -190,14 +208,13 @@ pub fn initrd_placement(size: u64, kernel_end: u64, limit: u64) -> Result<u64, B
 
 /// Loads the initrd file; returns (address, size).
 pub fn load_initrd(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     path: &str,
     kernel: &LoadedKernel,
     low_end: u64,
 ) -> Result<(u64, u64), BootError> {
-    let io = |source| BootError::InitrdFile { path: path.to_string(), source };
-    let mut file = File::open(path).map_err(io)?;
-    let size = file.metadata().map_err(io)?.len();
+    let (mut file, size) = input::open(Path::new(path), Accept::Regular)
+        .map_err(|source| BootError::InitrdInput { path: path.to_string(), source })?;
     let limit = initrd_limit(low_end, kernel.setup_header.as_ref());
     let addr = initrd_placement(size, kernel.kernel_end, limit)?;
     let usize_size = usize::try_from(size).map_err(|_| BootError::GuestWrite(addr))?;
@@ -209,10 +226,10 @@ pub fn load_initrd(
 /// Validates a command line: printable ASCII, at most `max` bytes.
 pub fn validate_cmdline(cmdline: &str, max: usize) -> Result<(), BootError> {
     if cmdline.len() > max {
-        return Err(BootError::Cmdline(format!("{} bytes, at most {max} allowed", cmdline.len())));
+        return Err(BootError::CmdlineTooLong { len: cmdline.len(), max });
     }
     if let Some(c) = cmdline.bytes().find(|b| !(0x20..0x7f).contains(b)) {
-        return Err(BootError::Cmdline(format!("byte {c:#04x} is not printable ASCII")));
+        return Err(BootError::CmdlineByte(c));
     }
     Ok(())
 }
@@ -241,14 +258,15 @@ pub fn e820_map(regions: &[RamRegion]) -> Vec<boot_e820_entry> {
     map
 }
 
-/// Builds the zero page.
+/// Builds the zero page (`rsdp`: where the ACPI tables start, if any).
 pub fn build_boot_params(
     kernel: &LoadedKernel,
     cmdline_len: usize,
     initrd: Option<(u64, u64)>,
     regions: &[RamRegion],
+    rsdp: Option<u64>,
 ) -> Result<boot_params, BootError> {
-    let mut params = boot_params::default();
+    let mut params = boot_params { acpi_rsdp_addr: rsdp.unwrap_or(0), ..Default::default() };
     match kernel.setup_header {
         Some(hdr) => params.hdr = hdr,
         None => {
@@ -260,8 +278,8 @@ pub fn build_boot_params(
     params.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
     params.hdr.cmd_line_ptr =
         u32::try_from(CMDLINE_ADDR).map_err(|_| BootError::GuestWrite(CMDLINE_ADDR))?;
-    params.hdr.cmdline_size =
-        u32::try_from(cmdline_len + 1).map_err(|_| BootError::Cmdline("too long".into()))?;
+    params.hdr.cmdline_size = u32::try_from(cmdline_len + 1)
+        .map_err(|_| BootError::CmdlineTooLong { len: cmdline_len, max: CMDLINE_MAX })?;
     if let Some((addr, size)) = initrd {
         params.hdr.ramdisk_image = u32::try_from(addr).map_err(|_| BootError::GuestWrite(addr))?;
         params.hdr.ramdisk_size = u32::try_from(size).map_err(|_| BootError::InitrdTooBig {
@@ -284,7 +302,7 @@ pub fn build_boot_params(
 
 /// Writes the command line (NUL terminated) and the zero page into guest memory.
 pub fn write_boot_params(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     params: &boot_params,
     cmdline: &str,
 ) -> Result<(), BootError> {
@@ -305,6 +323,7 @@ pub fn prepare(
     kernel_path: &str,
     initrd_path: Option<&str>,
     cmdline: &str,
+    rsdp: Option<u64>,
 ) -> Result<LoadedKernel, BootError> {
     let kernel = load_kernel(ram.mem(), kernel_path)?;
     validate_cmdline(cmdline, cmdline_max(kernel.setup_header.as_ref()))?;
@@ -312,7 +331,7 @@ pub fn prepare(
         Some(p) => Some(load_initrd(ram.mem(), p, &kernel, ram.low_end())?),
         None => None,
     };
-    let params = build_boot_params(&kernel, cmdline.len(), initrd, ram.regions())?;
+    let params = build_boot_params(&kernel, cmdline.len(), initrd, ram.regions(), rsdp)?;
     write_boot_params(ram.mem(), &params, cmdline)?;
     Ok(kernel)
 }
@@ -345,8 +364,14 @@ mod tests {
     #[test]
     fn boot_params_layout_matches_the_boot_protocol() {
         let regions = ram_regions(5 * GIB).unwrap();
-        let p =
-            build_boot_params(&elf_kernel(), 13, Some((0x3000_0000, 0x1234)), &regions).unwrap();
+        let p = build_boot_params(
+            &elf_kernel(),
+            13,
+            Some((0x3000_0000, 0x1234)),
+            &regions,
+            Some(0xe0000),
+        )
+        .unwrap();
         let b = p.as_slice();
         assert_eq!(b.len(), 4096);
         assert_eq!(b[0x1e8], 3, "e820_entries");
@@ -357,6 +382,7 @@ mod tests {
         assert_eq!(u16::from_le_bytes([b[0x1fe], b[0x1ff]]), 0xaa55);
         assert_eq!(u32_at(b, 0x218), 0x3000_0000, "ramdisk_image");
         assert_eq!(u32_at(b, 0x21c), 0x1234, "ramdisk_size");
+        assert_eq!(u64_at(b, 0x70), 0xe0000, "acpi_rsdp_addr");
         // e820 table at 0x2d0, 20-byte entries.
         let e = |i: usize| {
             let o = 0x2d0 + 20 * i;
@@ -398,7 +424,8 @@ mod tests {
             kernel_end: 0x90_0000,
             setup_header: Some(hdr),
         };
-        let p = build_boot_params(&k, 5, None, &ram_regions(64 * MIB).unwrap()).unwrap();
+        let p = build_boot_params(&k, 5, None, &ram_regions(64 * MIB).unwrap(), None).unwrap();
+        assert_eq!({ p.acpi_rsdp_addr }, 0);
         assert_eq!({ p.hdr.setup_sects }, 30);
         assert_eq!({ p.hdr.version }, 0x20f);
         assert_eq!({ p.hdr.type_of_loader }, 0xff);
@@ -507,7 +534,7 @@ mod linux_images {
         let ram = GuestRam::new_anonymous(512 * MIB).unwrap();
         let (rd, rd_data) = initrd_file();
         let cmdline = "console=ttyS0 reboot=k panic=1";
-        let k = prepare(&ram, &path, Some(rd.path().to_str().unwrap()), cmdline).unwrap();
+        let k = prepare(&ram, &path, Some(rd.path().to_str().unwrap()), cmdline, None).unwrap();
         assert_eq!(k.format, KernelFormat::BzImage);
         let zp = zero_page(&ram);
         // The setup header (0x1f1..) is the file's, except the fields the loader sets.
@@ -542,7 +569,7 @@ mod linux_images {
         let ram = GuestRam::new_anonymous(512 * MIB).unwrap();
         let (rd, rd_data) = initrd_file();
         let cmdline = "console=ttyS0 panic=1 root=/dev/vda";
-        let k = prepare(&ram, &path, Some(rd.path().to_str().unwrap()), cmdline).unwrap();
+        let k = prepare(&ram, &path, Some(rd.path().to_str().unwrap()), cmdline, None).unwrap();
         assert_eq!(k.format, KernelFormat::Elf);
         assert!(k.setup_header.is_none());
         let file = std::fs::read(&path).unwrap();
@@ -569,7 +596,33 @@ mod linux_images {
     fn a_text_file_is_not_a_kernel() {
         let readme = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../README.md");
         let ram = GuestRam::new_anonymous(64 * MIB).unwrap();
-        let e = prepare(&ram, readme.to_str().unwrap(), None, "x").unwrap_err();
+        let e = prepare(&ram, readme.to_str().unwrap(), None, "x", None).unwrap_err();
         assert!(matches!(e, BootError::NotAKernel { .. }), "{e}");
+    }
+
+    #[test]
+    fn special_files_as_kernel_or_initrd_are_refused_clearly() {
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("fifo");
+        crate::input::mkfifo(&fifo);
+        let ram = GuestRam::new_anonymous(64 * MIB).unwrap();
+        // A FIFO as kernel: refused at once, not a blocking open.
+        let e = prepare(&ram, fifo.to_str().unwrap(), None, "x", None).unwrap_err();
+        assert!(matches!(e, BootError::KernelInput { .. }), "{e}");
+        assert!(crate::one_line(&e).contains("is a FIFO, not a regular file"), "{e}");
+        // A directory or a FIFO as initrd: named as such (it was "guest memory too small").
+        let mem = ram.mem();
+        let loaded = LoadedKernel {
+            format: KernelFormat::Elf,
+            entry: 0x10_0000,
+            kernel_end: 0x20_0000,
+            setup_header: None,
+        };
+        for (p, kind) in [(d.path(), "directory"), (fifo.as_path(), "FIFO")] {
+            let e = load_initrd(mem, p.to_str().unwrap(), &loaded, 64 * MIB).unwrap_err();
+            assert!(matches!(e, BootError::InitrdInput { .. }), "{e}");
+            let msg = crate::one_line(&e);
+            assert!(msg.contains(&format!("is a {kind}, not a regular file")), "{msg}");
+        }
     }
 }

@@ -500,7 +500,7 @@ pub fn main(args: &[String]) -> i32 {
         match a.as_str() {
             "--json" => json = true,
             other => {
-                eprintln!(
+                crate::errln!(
                     "grove-vmm check-host: unknown flag '{other}' (usage: check-host [--json])"
                 );
                 return 2;
@@ -510,14 +510,14 @@ pub fn main(args: &[String]) -> i32 {
     let r = report();
     if json {
         match serde_json::to_string_pretty(&r) {
-            Ok(s) => println!("{s}"),
+            Ok(s) => crate::outln!("{s}"),
             Err(e) => {
-                eprintln!("grove-vmm check-host: {e}");
+                crate::errln!("grove-vmm check-host: {e}");
                 return 1;
             }
         }
     } else {
-        print!("{r}");
+        crate::out!("{r}");
     }
     i32::from(!r.can_run_vms())
 }

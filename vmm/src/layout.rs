@@ -47,3 +47,37 @@ pub const MAX_MEM_MIB: u64 = 1 << 20;
 pub const MAX_VCPUS: u8 = 32;
 /// Page size used for memory bookkeeping.
 pub const PAGE_SIZE: u64 = 4096;
+
+/// The idle port: a guest that cannot `hlt` (the test guest runs at CPL 3) sleeps here. It is
+/// the vCPU thread's own (it sleeps that thread), not a device on the bus.
+pub const IDLE_PORT: u16 = 0x44c;
+/// What a 32-bit IN from the idle port reads ("GROV"), so a guest can detect it (an unknown
+/// port reads all ones in grove-vmm; other VMMs answer something else).
+pub const IDLE_MAGIC: u32 = 0x4752_4f56;
+/// Longest sleep one OUT to the idle port asks for (microseconds); larger values clamp.
+pub const IDLE_MAX_US: u32 = 1000;
+
+/// First address of the window virtio-mmio devices are placed in (inside the 32-bit MMIO gap,
+/// where Firecracker puts its devices too).
+pub const MMIO_DEVICES_START: u64 = 0xd000_0000;
+/// Size of that window: 256 MiB, far more than the interrupt lines allow.
+pub const MMIO_DEVICES_SIZE: u64 = 0x1000_0000;
+/// Size of one virtio-mmio device's register page.
+pub const MMIO_DEVICE_SIZE: u64 = 0x1000;
+/// IOAPIC interrupt lines (GSIs) given to virtio devices: 5 to 23 (0-4 are the PIT, the
+/// keyboard, the cascade and COM1-2's; the IOAPIC has 24 pins).
+pub const DEVICE_GSI_FIRST: u32 = 5;
+/// Last GSI given to a device.
+pub const DEVICE_GSI_LAST: u32 = 23;
+/// Local APIC base.
+pub const APIC_ADDR: u32 = 0xfee0_0000;
+/// IOAPIC base.
+pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
+/// The RSDP, in the BIOS area Linux scans (0xe0000-0xfffff, not RAM in the e820 map); the
+/// other ACPI tables follow it there.
+pub const RSDP_ADDR: u64 = 0x000e_0000;
+/// End of the area the ACPI tables may use.
+pub const ACPI_END: u64 = 0x0010_0000;
+/// The ACPI power-management port: the FADT's sleep control, sleep status and reset
+/// registers (hardware-reduced ACPI).
+pub const ACPI_PM_PORT: u16 = 0x600;

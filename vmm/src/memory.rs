@@ -4,14 +4,25 @@
 //! physical space below the 32-bit MMIO gap and, for the part that does not fit, from 4 GiB on.
 //! Every region records its RAM offset, which is also its offset in the backing file: a memfd for
 //! a fresh boot, a snapshot layer file (MAP_PRIVATE) or anonymous memory (userfaultfd) on restore.
+//!
+//! The vm-memory view carries an [`AtomicBitmap`] per region: every write the VMM makes into
+//! guest memory through vm-memory (a device filling a buffer, a virtqueue's used ring) marks
+//! its page. KVM's dirty log only sees the guest's own writes, so a snapshot ORs the two
+//! ([`GuestRam::take_vmm_dirty`]) and the next diff layer includes what devices wrote.
 
 use std::fs::File;
+use std::num::NonZeroUsize;
 use std::os::fd::{AsRawFd, FromRawFd};
 
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
 use crate::layout::{MMIO_GAP_END, MMIO_GAP_START, PAGE_SIZE};
+
+/// Guest memory as the VMM's devices and loaders see it: vm-memory regions whose writes are
+/// tracked per page.
+pub type GuestMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 
 /// Errors from setting up guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -31,9 +42,34 @@ pub enum MemoryError {
         #[source]
         source: std::io::Error,
     },
-    /// vm-memory refused the regions.
-    #[error("cannot build the guest memory map: {0}")]
-    Regions(String),
+    /// One mapping per region is needed.
+    #[error("{mappings} mappings for {regions} RAM regions")]
+    MappingCount {
+        /// Regions.
+        regions: usize,
+        /// Mappings given.
+        mappings: usize,
+    },
+    /// A mapping's length differs from its region's.
+    #[error("mapping of {mapping} bytes for a region of {region}")]
+    MappingSize {
+        /// Mapping length.
+        mapping: usize,
+        /// Region length.
+        region: u64,
+    },
+    /// vm-memory refused a region's mapping.
+    #[error("cannot describe guest memory at {gpa:#x} to vm-memory")]
+    Region {
+        /// Start of the region.
+        gpa: u64,
+        /// vm-memory's reason.
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    /// Regions overlap or overflow the address space.
+    #[error("cannot build the guest memory map")]
+    Map(#[source] vm_memory::GuestRegionCollectionError),
     /// A guest physical range is not RAM.
     #[error("guest range {gpa:#x}+{len:#x} is not RAM")]
     NotRam {
@@ -157,13 +193,16 @@ impl Drop for Mapping {
     }
 }
 
+/// A region's bytes as a volatile slice (with its dirty-page bitmap).
+pub type RegionSlice<'a> = vm_memory::VolatileSlice<'a, vm_memory::bitmap::BS<'a, AtomicBitmap>>;
+
 /// Something that keeps restored guest memory mapped (a storage `MappedMemory` or `UffdMemory`).
 pub type MemoryOwner = Box<dyn std::any::Any + Send + Sync>;
 
 /// The guest's RAM: the regions, their host mappings and the vm-memory view over them.
 pub struct GuestRam {
     // Field order matters: `mem` (which points into the mappings) is dropped first.
-    mem: GuestMemoryMmap,
+    mem: GuestMemory,
     regions: Vec<RamRegion>,
     hosts: Vec<(*mut u8, usize)>,
     mappings: Vec<Mapping>,
@@ -253,30 +292,31 @@ impl GuestRam {
         owner: Option<MemoryOwner>,
     ) -> Result<Self, MemoryError> {
         if regions.len() != hosts.len() {
-            return Err(MemoryError::Regions("one mapping per region needed".into()));
+            return Err(MemoryError::MappingCount {
+                regions: regions.len(),
+                mappings: hosts.len(),
+            });
         }
+        let page = NonZeroUsize::new(PAGE_SIZE as usize).unwrap_or(NonZeroUsize::MIN);
         let mut vm_regions = Vec::with_capacity(regions.len());
         for (r, &(ptr, len)) in regions.iter().zip(&hosts) {
             if u64::try_from(len).ok() != Some(r.size) {
-                return Err(MemoryError::Regions(format!(
-                    "mapping of {len} bytes for a region of {}",
-                    r.size
-                )));
+                return Err(MemoryError::MappingSize { mapping: len, region: r.size });
             }
             // SAFETY: `ptr` is a live mapping of exactly `len` bytes kept alive by the
             // returned `GuestRam` (its mappings or owner), which drops this view first.
             let builder = unsafe {
-                MmapRegionBuilder::new(len)
+                MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::new(len, page))
                     .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
                     .with_raw_mmap_pointer(ptr)
             };
-            let region = builder.build().map_err(|e| MemoryError::Regions(e.to_string()))?;
+            let region =
+                builder.build().map_err(|source| MemoryError::Region { gpa: r.gpa, source })?;
             let region = GuestRegionMmap::new(region, GuestAddress(r.gpa))
-                .ok_or_else(|| MemoryError::Regions("region overflows".into()))?;
+                .ok_or(MemoryError::BadSize(r.size))?;
             vm_regions.push(region);
         }
-        let mem = GuestMemoryMmap::from_regions(vm_regions)
-            .map_err(|e| MemoryError::Regions(e.to_string()))?;
+        let mem = GuestMemory::from_regions(vm_regions).map_err(MemoryError::Map)?;
         Ok(Self { mem, regions, hosts, mappings: Vec::new(), owner, file: None })
     }
 
@@ -290,20 +330,26 @@ impl GuestRam {
         &self.hosts
     }
 
-    /// The bytes of region `i`.
-    ///
-    /// # Safety
-    /// The guest (vCPUs) and devices must not write the region while the slice is alive
-    /// (pause the VM), or the caller accepts torn reads (a pre-copy that is re-done for
-    /// every page dirtied meanwhile).
-    pub unsafe fn region_slice(&self, i: usize) -> &[u8] {
-        let (ptr, len) = self.hosts[i];
-        // SAFETY: a live mapping of `len` bytes (see `build`); aliasing per the contract.
-        unsafe { std::slice::from_raw_parts(ptr, len) }
+    /// Region `i` as a vm-memory volatile slice: reads through it are sound while the guest
+    /// runs (a fork's pre-copy). `None` if there is no region `i`.
+    pub fn region_volatile(&self, i: usize) -> Option<RegionSlice<'_>> {
+        let region = self.mem.iter().nth(i)?;
+        let len = usize::try_from(region.len()).ok()?;
+        region.get_slice(vm_memory::MemoryRegionAddress(0), len).ok()
+    }
+
+    /// The pages of region `i` the VMM wrote through vm-memory since the last call (one bit
+    /// per page, KVM_GET_DIRTY_LOG's layout), and forgets them.
+    pub fn take_vmm_dirty(&self, i: usize) -> Vec<u64> {
+        self.mem
+            .iter()
+            .nth(i)
+            .map(|r| std::ops::Deref::deref(r).bitmap().get_and_reset())
+            .unwrap_or_default()
     }
 
     /// The vm-memory view (for loaders and device code).
-    pub fn mem(&self) -> &GuestMemoryMmap {
+    pub fn mem(&self) -> &GuestMemory {
         &self.mem
     }
 
@@ -344,7 +390,7 @@ impl GuestRam {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{Bytes, GuestMemoryBackend};
+    use vm_memory::Bytes;
 
     const MIB: u64 = 1 << 20;
     const GIB: u64 = 1 << 30;
@@ -383,5 +429,24 @@ mod tests {
         // The gap is not RAM.
         assert!(!ram.mem().address_in_range(GuestAddress(3 * GIB + 4096)));
         assert!(ram.host_range(3 * GIB - 4096, 8192).is_err());
+    }
+
+    #[test]
+    fn vmm_writes_are_tracked_per_page_and_taken_once() {
+        let ram = GuestRam::new_anonymous(64 * MIB).unwrap();
+        assert!(ram.take_vmm_dirty(0).iter().all(|&w| w == 0));
+        // A device writing 10 bytes across a page boundary dirties both pages.
+        ram.mem().write_slice(&[7u8; 10], GuestAddress(5 * 4096 - 4)).unwrap();
+        ram.mem().write_obj(1u64, GuestAddress(70 * 4096)).unwrap();
+        let words = ram.take_vmm_dirty(0);
+        assert_eq!(words.len(), (64 * MIB / 4096 / 64) as usize);
+        let set: Vec<usize> =
+            (0..words.len() * 64).filter(|&p| words[p / 64] & (1 << (p % 64)) != 0).collect();
+        assert_eq!(set, vec![4, 5, 70]);
+        assert!(ram.take_vmm_dirty(0).iter().all(|&w| w == 0), "taken once");
+        // Reads do not dirty.
+        let _: u64 = ram.mem().read_obj(GuestAddress(80 * 4096)).unwrap();
+        assert!(ram.take_vmm_dirty(0).iter().all(|&w| w == 0));
+        assert!(ram.region_volatile(0).is_some() && ram.region_volatile(1).is_none());
     }
 }

@@ -28,6 +28,6 @@ pub fn since_start_ms() -> f64 {
 /// Prints `timing: <what> <ms>` when enabled.
 pub fn mark(what: &str) {
     if ENABLED.load(Ordering::Relaxed) {
-        eprintln!("timing: {what} {:.3} ms", since_start_ms());
+        crate::errln!("timing: {what} {:.3} ms", since_start_ms());
     }
 }

@@ -1,7 +1,9 @@
 //! x86-64 vCPU boot state: GDT, identity page tables, registers, FPU, MSRs, LAPIC, MP table.
 
 use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::memory::GuestMemory;
 
 use crate::layout::{
     BOOT_STACK_POINTER, EBDA_START, GDT_ADDR, IDT_ADDR, PDE_ADDR, PDPTE_ADDR, PML4_ADDR,
@@ -68,7 +70,7 @@ pub const BOOT_GDT: [u64; 4] = [
 ];
 
 /// Writes the GDT, an empty IDT and identity page tables for the first 1 GiB (2 MiB pages).
-pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), X86Error> {
+pub fn write_boot_tables(mem: &GuestMemory) -> Result<(), X86Error> {
     let w = |v: u64, a: u64| mem.write_obj(v, GuestAddress(a)).map_err(|_| X86Error::GuestWrite(a));
     for (i, e) in BOOT_GDT.iter().enumerate() {
         w(*e, GDT_ADDR + 8 * i as u64)?;
@@ -281,7 +283,7 @@ pub fn mptable_bytes(base: u64, nvcpus: u8) -> Result<Vec<u8>, X86Error> {
 }
 
 /// Writes the MP table at the EBDA.
-pub fn write_mptable(mem: &GuestMemoryMmap, nvcpus: u8) -> Result<(), X86Error> {
+pub fn write_mptable(mem: &GuestMemory, nvcpus: u8) -> Result<(), X86Error> {
     let bytes = mptable_bytes(EBDA_START, nvcpus)?;
     mem.write_slice(&bytes, GuestAddress(EBDA_START)).map_err(|_| X86Error::GuestWrite(EBDA_START))
 }

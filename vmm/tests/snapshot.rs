@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use grove_storage::memory::Chain;
-use grove_vmm::persist;
+use grove_memory::Chain;
+use grove_vmm::state as persist;
 use serde_json::json;
 
 use common::{id_line, kvm_available, pattern, tmp, Vmm, DEADLINE, MIB, PAGE, REGION_START};
@@ -102,6 +102,43 @@ fn restored_guest_continues_where_it_stopped() {
     }
 }
 
+/// Snapshot destinations: a relative path is refused; of an absolute one only the last
+/// component is created (before, `snapshot` created the whole path). Temporary layer files
+/// a killed writer left behind are swept when a snapshot starts in, or a VMM restores from,
+/// their directory (before, they stayed forever).
+#[test]
+fn snapshot_destinations_are_checked_and_stale_files_swept() {
+    if !kvm_available() {
+        return;
+    }
+    let d = tmp();
+    let parent = fork_parent(d.path(), 1);
+    let mut api = parent.api();
+    let v = api.refused(
+        &json!({"cmd": "snapshot", "kind": "full", "dir": "relative/snap"}).to_string(),
+        "invalid-argument",
+    );
+    assert!(v["error"]["message"].as_str().unwrap().contains("absolute"), "{v}");
+    let deep = d.path().join("no/such/parent");
+    let v = api.raw(&json!({"cmd": "snapshot", "kind": "full", "dir": deep}).to_string());
+    assert_eq!(v["ok"], json!(false), "{v}");
+    assert!(!d.path().join("no").exists(), "the parents were created");
+    // A killed writer's half-written layer (PID 0 is no process), 1 GiB apparent size.
+    let snap = d.path().join("s");
+    std::fs::create_dir(&snap).unwrap();
+    let stale = snap.join(".0000.mlayer.tmp-0-abc");
+    std::fs::File::create(&stale).unwrap().set_len(1 << 30).unwrap();
+    api.snapshot("full", &snap);
+    assert!(!stale.exists(), "swept when the snapshot started");
+    drop(api);
+    drop(parent);
+    std::fs::File::create(&stale).unwrap().set_len(1 << 30).unwrap();
+    let mut child = Vmm::restore(&snap, "mmap", 3, None);
+    let want = id_line(3, 1);
+    child.wait_for(&want, |s| s.contains(&want));
+    assert!(!stale.exists(), "swept when a VMM restored from the directory");
+}
+
 #[test]
 fn bad_requests_leave_the_vm_running() {
     if !kvm_available() {
@@ -119,17 +156,20 @@ fn bad_requests_leave_the_vm_running() {
     ] {
         let v = api.raw(bad);
         assert_eq!(v["ok"], json!(false), "{bad} must fail: {v}");
-        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+        assert!(v["error"]["message"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+        assert!(v["error"]["code"].as_str().is_some_and(|c| !c.is_empty()), "{v}");
     }
     // diff without a base names the problem.
-    let v =
-        api.raw(&json!({"cmd": "snapshot", "kind": "diff", "dir": d.path().join("x")}).to_string());
-    assert!(v["error"].as_str().unwrap().contains("full snapshot first"), "{v}");
+    let diff = json!({"cmd": "snapshot", "kind": "diff", "dir": d.path().join("x")}).to_string();
+    let v = api.refused(&diff, "failed-precondition");
+    assert!(v["error"]["message"].as_str().unwrap().contains("full snapshot first"), "{v}");
     // A snapshot into a directory that already holds one is refused.
     let s = d.path().join("s");
     api.snapshot("full", &s);
-    let v = api.raw(&json!({"cmd": "snapshot", "kind": "full", "dir": s}).to_string());
-    assert_eq!(v["ok"], json!(false), "{v}");
+    api.refused(
+        &json!({"cmd": "snapshot", "kind": "full", "dir": s}).to_string(),
+        "already-exists",
+    );
     assert_eq!(api.call(&json!({"cmd": "status"}))["state"], json!("running"));
     parent.wait_ts(50);
 }
@@ -198,14 +238,18 @@ fn chain_of_depth_ten_restores() {
         let want = id_line(u64::from(g), touch);
         c.wait_for(&want, |s| s.contains(&want));
         let next = d.path().join(format!("g{g}"));
-        let st = c.api().snapshot("diff", &next)["snapshot"].clone();
+        let st = c.api().snapshot("diff", &next);
         // The first fork wrote a pre-copied full layer and a diff: depth 2 at g0.
         assert_eq!(st["depth"], json!(g + 2), "{st}");
         prev = next;
     }
     let state = persist::read_state(&prev).unwrap();
     assert_eq!(state.layers.len(), 12);
-    assert_eq!(state.devices.generation, 10);
+    let generation = state.devices.iter().find_map(|d| match d {
+        grove_vmm::devices::manager::DeviceState::GrovePorts(p) => Some(p.generation),
+        _ => None,
+    });
+    assert_eq!(generation, Some(10), "one grove-ports entry with the generation");
     assert_eq!(first_words(&prev, REGION_START, 1)[0], pattern(REGION_START, 10));
     for (mode, id) in [("mmap", 77u32), ("uffd", 78)] {
         let sock = d.path().join(format!("final-{mode}.sock"));
@@ -283,7 +327,7 @@ fn fork_while_the_guest_is_busy() {
     let mut api = parent.api();
     let f1 = d.path().join("f1");
     let r = api.fork(&f1);
-    assert!(r["snapshot"]["pages"].as_u64().unwrap() >= pages, "{r}");
+    assert!(r["pages"].as_u64().unwrap() >= pages, "{r}");
     assert_round_robin_consistent(&first_words(&f1, REGION_START, pages), "first fork");
     parent.wait_ts(10);
     let f2 = d.path().join("f2");
@@ -450,13 +494,11 @@ fn standby_vmm_restores_a_fork() {
     let f32 = d.path().join("f32");
     other.api().fork(&f32);
     drop(other);
-    let v = api.raw(&json!({"cmd": "restore", "snapshot": f32}).to_string());
-    assert_eq!(v["ok"], json!(false), "{v}");
-    assert!(v["error"].as_str().unwrap().contains("bytes of RAM"), "{v}");
-    let v = api.raw(&json!({"cmd": "restore", "snapshot": d.path().join("none")}).to_string());
-    assert_eq!(v["ok"], json!(false), "{v}");
-    let v = api.raw(r#"{"cmd":"pause"}"#);
-    assert_eq!(v["ok"], json!(false), "{v}");
+    let v = api.refused(&json!({"cmd": "restore", "snapshot": f32}).to_string(), "incompatible");
+    assert!(v["error"]["message"].as_str().unwrap().contains("bytes of RAM"), "{v}");
+    let none = json!({"cmd": "restore", "snapshot": d.path().join("none")}).to_string();
+    api.refused(&none, "not-found");
+    api.refused(r#"{"cmd":"pause"}"#, "failed-precondition");
     // The real one.
     let v = api.call(&json!({"cmd": "restore", "snapshot": f, "identity": 9}));
     assert!(v["restore_ms"].as_f64().is_some(), "{v}");
@@ -466,8 +508,7 @@ fn standby_vmm_restores_a_fork() {
     // Now it is an ordinary VM on the same socket.
     let st = api.call(&json!({"cmd": "status"}));
     assert_eq!(st["generation"], json!(1), "{st}");
-    let v = api.raw(&json!({"cmd": "restore", "snapshot": f}).to_string());
-    assert_eq!(v["ok"], json!(false), "a second restore is refused: {v}");
+    api.refused(&json!({"cmd": "restore", "snapshot": f}).to_string(), "failed-precondition");
     let snap = d.path().join("child-diff");
     api.snapshot("diff", &snap);
     assert_eq!(first_words(&snap, REGION_START, 1)[0], pattern(REGION_START, 9));
@@ -496,7 +537,7 @@ fn uffd_restore_records_then_prefetches_a_working_set() {
         assert!(t.elapsed() < DEADLINE, "no working set at {}\n{}", ws.display(), first.dump());
         thread::sleep(Duration::from_millis(10));
     }
-    let saved = grove_storage::memory::WorkingSet::load(&ws).expect("a valid working set");
+    let saved = grove_memory::WorkingSet::load(&ws).expect("a valid working set");
     assert!(!saved.pages.is_empty(), "the guest touched pages after the restore");
     drop(first);
     // The next restore prefetches it and runs the same.
@@ -506,5 +547,5 @@ fn uffd_restore_records_then_prefetches_a_working_set() {
     second.wait_ts(20);
     // An explicit save works too.
     let v = second.api().call(&json!({"cmd": "save-working-set"}));
-    assert_eq!(v["path"], json!(ws.display().to_string()), "{v}");
+    assert_eq!(v, json!(ws.display().to_string()), "{v}");
 }

@@ -4,6 +4,6 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(line) = std::str::from_utf8(data) {
-        let _ = grove_vmm::api::parse(line);
+        let _ = grove_vmm::api_server::parse(line);
     }
 });

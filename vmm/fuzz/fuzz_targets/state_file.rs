@@ -4,5 +4,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = grove_vmm::persist::decode_state(data, "fuzz");
+    let _ = grove_vmm::state::decode_state(data, "fuzz");
 });

@@ -126,6 +126,16 @@ pub struct Config {
     /// (`tg.idle_us`, 1..=1000, default 50 so that `T` keeps the
     /// contract's pace of at least one per 0.1 ms; idle-fleet scenarios ask for 1000).
     pub idle_us: u64,
+    /// Drive the virtio-rng at the first `virtio_mmio.device=` of the command line
+    /// (`tg.rng=1`): one request at boot, and in fork mode one per identity change.
+    pub rng: bool,
+    /// Drive a virtio-blk at the first `virtio_mmio.device=` instead (`tg.blk=1`): write the
+    /// identity's block, flush, read it back at boot and, in fork mode, at every identity
+    /// change.
+    pub blk: bool,
+    /// Register page of the first `virtio_mmio.device=SIZE@ADDR:IRQ` (the VMM appends
+    /// these; Linux kernels read them with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES).
+    pub virtio_mmio: Option<u64>,
 }
 
 impl Default for Config {
@@ -140,8 +150,20 @@ impl Default for Config {
             mmio_boot_timer: None,
             idle: Idle::Auto,
             idle_us: 50,
+            rng: false,
+            blk: false,
+            virtio_mmio: None,
         }
     }
+}
+
+/// The register page of a `virtio_mmio.device=` value (`4K@0xd0000000:5`): the address
+/// between `@` and `:`, a page in the 32-bit MMIO gap.
+pub fn parse_virtio_mmio(val: &[u8]) -> Option<u64> {
+    let at = val.iter().position(|&b| b == b'@')?;
+    let rest = &val[at + 1..];
+    let end = rest.iter().position(|&b| b == b':').unwrap_or(rest.len());
+    parse_u64(&rest[..end]).filter(|&a| (0xc000_0000..0x1_0000_0000).contains(&a) && a % 4096 == 0)
 }
 
 /// Largest accepted `tg.touch_mib`: the region starts at 16 MiB and the identity
@@ -217,6 +239,14 @@ impl Config {
                         _ => return Err("tg.idle must be auto, spin or port"),
                     }
                 }
+                b"tg.rng" => c.rng = val != b"0",
+                b"tg.blk" => c.blk = val != b"0",
+                b"virtio_mmio.device" if c.virtio_mmio.is_none() => {
+                    c.virtio_mmio = Some(
+                        parse_virtio_mmio(val)
+                            .ok_or("virtio_mmio.device must be SIZE@PAGE:IRQ in [3 GiB, 4 GiB)")?,
+                    );
+                }
                 b"tg.mmio_boot_timer" => {
                     c.mmio_boot_timer = Some(
                         parse_u64(val)
@@ -226,6 +256,9 @@ impl Config {
                 }
                 _ => {}
             }
+        }
+        if c.rng && c.blk {
+            return Err("tg.rng and tg.blk both want the first virtio_mmio device");
         }
         Ok(c)
     }
@@ -278,6 +311,21 @@ mod tests {
             let c = Config::parse(format!("tg.mode=ready tg.idle={v}").as_bytes()).unwrap();
             assert_eq!(c.idle, idle);
         }
+    }
+
+    #[test]
+    fn virtio_mmio_devices_parse() {
+        let c = Config::parse(
+            b"tg.rng=1 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6",
+        )
+        .unwrap();
+        assert!(c.rng);
+        assert_eq!(c.virtio_mmio, Some(0xd000_0000), "the first one");
+        assert_eq!(parse_virtio_mmio(b"4K@0xd0002000"), Some(0xd000_2000));
+        assert_eq!(parse_virtio_mmio(b"4K0xd0002000:5"), None);
+        assert_eq!(parse_virtio_mmio(b"4K@0x1000:5"), None, "not in the MMIO gap");
+        assert!(Config::parse(b"virtio_mmio.device=4K@0xd0000001:5").is_err());
+        assert!(!Config::parse(b"tg.mode=hello").unwrap().rng);
     }
 
     #[test]

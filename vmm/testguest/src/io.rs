@@ -162,3 +162,35 @@ pub fn tsc_khz_from_cpuid() -> Option<u64> {
     }
     None
 }
+
+/// Reads 32 bits of a virtio-mmio register at `addr`.
+pub fn mmio_read32(addr: u64) -> u32 {
+    // SAFETY: callers pass a register of the device page `Config::parse` accepted (a 4 KiB
+    // page in the 32-bit MMIO gap, identity-mapped, no RAM of this program); the access is
+    // an aligned 32-bit load the VMM emulates.
+    unsafe { (addr as *const u32).read_volatile() }
+}
+
+/// Writes 32 bits to a virtio-mmio register at `addr`.
+pub fn mmio_write32(addr: u64, val: u32) {
+    // SAFETY: as for `mmio_read32`, an aligned 32-bit store to a device register.
+    unsafe { (addr as *mut u32).write_volatile(val) }
+}
+
+/// Guest memory the device shares (virtqueue rings and buffers): volatile accesses only,
+/// since the device (the VMM) writes it concurrently.
+pub mod shared {
+    /// Stores `val` at `addr`.
+    pub fn write<T: Copy>(addr: u64, val: T) {
+        // SAFETY: callers pass addresses inside the virtqueue pages of
+        // `grove_testguest::virtio` (RAM below the region, identity-mapped, used by
+        // nothing else in this program), aligned for `T`.
+        unsafe { (addr as *mut T).write_volatile(val) }
+    }
+
+    /// Loads the value at `addr`.
+    pub fn read<T: Copy>(addr: u64) -> T {
+        // SAFETY: as for `write`.
+        unsafe { (addr as *const T).read_volatile() }
+    }
+}

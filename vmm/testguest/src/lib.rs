@@ -8,6 +8,7 @@
 pub mod bootparams;
 pub mod pace;
 pub mod region;
+pub mod virtio;
 
 /// Bytes of physical memory the guest's static page tables identity-map (16 GiB).
 pub const MAPPED_BYTES: u64 = 16 << 30;

@@ -9,8 +9,10 @@
 #![no_std]
 #![no_main]
 
+mod blk;
 mod boot;
 mod io;
+mod rng;
 
 use grove_testguest::bootparams::Idle;
 use grove_testguest::bootparams::{BootParams, Config, E820Entry, Mode, E820_MAX};
@@ -35,6 +37,9 @@ pub extern "C" fn rust_main(boot_params: u64) -> ! {
     let mut e820 = [E820Entry::default(); E820_MAX];
     let n = bp.e820(&mut e820);
     let e820 = &e820[..n];
+    let tsc_khz = cfg.tsc_khz.or_else(io::tsc_khz_from_cpuid).unwrap_or(DEFAULT_TSC_KHZ);
+    let mut rng = cfg.rng.then(|| rng_init(&cfg, tsc_khz));
+    let mut blk = cfg.blk.then(|| blk_init(&cfg, tsc_khz));
 
     match cfg.mode {
         Mode::Hello => {
@@ -56,7 +61,6 @@ pub extern "C" fn rust_main(boot_params: u64) -> ! {
         }
         Mode::Ready | Mode::Fork | Mode::Busy => {
             let region = region_or_fail(e820, &cfg);
-            let tsc_khz = cfg.tsc_khz.or_else(io::tsc_khz_from_cpuid).unwrap_or(DEFAULT_TSC_KHZ);
             // Only `auto` probes the port (a forced choice needs no read).
             let probe = if cfg.idle == Idle::Auto { inl(io::IDLE) } else { 0 };
             let idle_port = pace::use_idle_port(cfg.idle, cfg.mode, probe);
@@ -84,9 +88,63 @@ pub extern "C" fn rust_main(boot_params: u64) -> ! {
             }
             Serial::write_bytes(b"READY\n");
             let t_us = if idle_port { cfg.idle_us } else { cfg.t_us };
-            t_loop(&region, cfg.mode, tsc_khz, tsc_khz * t_us / 1000, idle_port)
+            let pacing = Pacing { tsc_khz, period: tsc_khz * t_us / 1000, idle_port };
+            t_loop(&region, cfg.mode, pacing, Drivers { rng: rng.as_mut(), blk: blk.as_mut() })
         }
     }
+}
+
+/// Sets the virtio-rng up and makes one request (printed), or fails the guest.
+fn rng_init(cfg: &Config, tsc_khz: u64) -> rng::RngDriver {
+    let Some(base) = cfg.virtio_mmio else {
+        fail("tg.rng=1 needs a virtio_mmio.device= on the command line (grove-vmm --rng)")
+    };
+    let mut d = match rng::RngDriver::init(base) {
+        Ok(d) => d,
+        Err(e) => fail(e),
+    };
+    rng_request(&mut d, tsc_khz, true);
+    d
+}
+
+/// Sets the virtio-blk up and exercises it once (identity 0), or fails the guest.
+fn blk_init(cfg: &Config, tsc_khz: u64) -> blk::BlkDriver {
+    let Some(base) = cfg.virtio_mmio else {
+        fail("tg.blk=1 needs a virtio_mmio.device= on the command line (grove-vmm --disk)")
+    };
+    let mut d = match blk::BlkDriver::init(base) {
+        Ok(d) => d,
+        Err(e) => fail(e),
+    };
+    if let Err(e) = d.exercise(inl(io::IDENTITY), tsc_khz * 5000) {
+        fail(e)
+    }
+    d
+}
+
+/// The virtio drivers the `T` loop uses at identity changes.
+struct Drivers<'a> {
+    rng: Option<&'a mut rng::RngDriver>,
+    blk: Option<&'a mut blk::BlkDriver>,
+}
+
+/// One virtio-rng request, printed as `RNG n=.. [<hex>]` (the bytes only if `read_back`);
+/// a guest with no answer within 5 s fails.
+fn rng_request(d: &mut rng::RngDriver, tsc_khz: u64, read_back: bool) {
+    match d.request(tsc_khz * 5000, read_back) {
+        Ok((len, bytes)) => rng::print_result(len, bytes.as_ref()),
+        Err(e) => fail(e),
+    }
+}
+
+/// How the `T` loop paces itself.
+#[derive(Clone, Copy)]
+struct Pacing {
+    tsc_khz: u64,
+    /// TSC ticks between `T`s.
+    period: u64,
+    /// Sleep through the idle port (else spin).
+    idle_port: bool,
 }
 
 fn region_or_fail(e820: &[E820Entry], cfg: &Config) -> Region {
@@ -107,12 +165,15 @@ fn print_region(region: &Region) {
 }
 
 /// Prints `T` every `period` TSC ticks, forever. Fork mode checks the identity
-/// port before each `T`; busy mode dirties pages round robin while it waits.
+/// port before each `T` (and when it changes, with `tg.rng=1` makes a virtio-rng request, with
+/// `tg.blk=1` writes, flushes and reads back the identity's block);
+/// busy mode dirties pages round robin while it waits.
 /// With `idle_port` the wait sleeps through grove-vmm's idle port (the rest of the
 /// period in whole µs, so the vCPU thread sleeps instead of spinning), else it spins.
 /// A TSC that jumps (pause, restore) yields one `T` at once, never a burst or a
 /// long wait.
-fn t_loop(region: &Region, mode: Mode, tsc_khz: u64, period: u64, idle_port: bool) -> ! {
+fn t_loop(region: &Region, mode: Mode, p: Pacing, mut drivers: Drivers<'_>) -> ! {
+    let Pacing { tsc_khz, period, idle_port } = p;
     let mut last_id = 0u32;
     let mut pages = region.page_cursor();
     let mut counter = 0u64;
@@ -145,6 +206,15 @@ fn t_loop(region: &Region, mode: Mode, tsc_khz: u64, period: u64, idle_port: boo
                 last_id = id;
                 region.fill_first_page(u64::from(id));
                 print!("ID={} CHECKSUM=0x{:016x}\n", id, region.checksum());
+                if let Some(d) = drivers.rng.as_deref_mut() {
+                    // Not read back: the buffer page stays written by the device only.
+                    rng_request(d, tsc_khz, false);
+                }
+                if let Some(d) = drivers.blk.as_deref_mut() {
+                    if let Err(e) = d.exercise(id, tsc_khz * 5000) {
+                        fail(e)
+                    }
+                }
             }
         }
         outb(io::COM1, b'T');

@@ -31,7 +31,11 @@ pub const MIB: u64 = 1 << 20;
 pub const REGION_START: u64 = 16 * MIB;
 pub const PAGE: u64 = 4096;
 
-/// Whether /dev/kvm opens read-write as a character device; prints the skip message if not.
+#[path = "../../../testsupport/skip.rs"]
+pub mod skip;
+
+/// Whether /dev/kvm opens read-write as a character device. If not, the test fails unless
+/// GROVE_ALLOW_SKIP allows `kvm` (then false: the caller returns).
 pub fn kvm_available() -> bool {
     use std::os::unix::fs::FileTypeExt;
     let ok = std::fs::OpenOptions::new()
@@ -41,7 +45,7 @@ pub fn kvm_available() -> bool {
         .and_then(|f| f.metadata())
         .is_ok_and(|m| m.file_type().is_char_device());
     if !ok {
-        println!("skipped: /dev/kvm not available");
+        skip::missing("kvm", "/dev/kvm not available");
     }
     ok
 }
@@ -87,9 +91,15 @@ pub struct Vmm {
     out: Arc<Mutex<String>>,
     err: Arc<Mutex<String>>,
     sock: Option<PathBuf>,
+    /// The stdout and stderr reader threads (joined once the process has exited, so that
+    /// everything it wrote is collected).
+    readers: Vec<thread::JoinHandle<()>>,
 }
 
-pub fn collect(mut r: impl Read + Send + 'static, into: Arc<Mutex<String>>) {
+pub fn collect(
+    mut r: impl Read + Send + 'static,
+    into: Arc<Mutex<String>>,
+) -> thread::JoinHandle<()> {
     thread::spawn(move || {
         let mut buf = [0u8; 4096];
         while let Ok(n) = r.read(&mut buf) {
@@ -108,17 +118,37 @@ pub fn collect(mut r: impl Read + Send + 'static, into: Arc<Mutex<String>>) {
                 }
             }
         }
-    });
+    })
 }
 
 impl Vmm {
     pub fn spawn(args: &[String], sock: Option<PathBuf>) -> Self {
-        let mut child = spawn_vmm(args);
+        Self::spawn_with_stderr(args, sock, Stdio::piped())
+    }
+
+    /// Like [`Vmm::spawn`], with stderr sent to `stderr` (a file, a closed pipe) instead of
+    /// being collected when it is not `Stdio::piped()`.
+    pub fn spawn_with_stderr(args: &[String], sock: Option<PathBuf>, stderr: Stdio) -> Self {
+        let mut child = Command::new(VMM)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn grove-vmm");
         let out = Arc::new(Mutex::new(String::new()));
         let err = Arc::new(Mutex::new(String::new()));
-        collect(child.stdout.take().unwrap(), out.clone());
-        collect(child.stderr.take().unwrap(), err.clone());
-        Self { child, out, err, sock }
+        let mut readers = vec![collect(child.stdout.take().unwrap(), out.clone())];
+        if let Some(e) = child.stderr.take() {
+            readers.push(collect(e, err.clone()));
+        }
+        Self { child, out, err, sock, readers }
+    }
+
+    /// The exit status once the process has ended (waits up to [`DEADLINE`]).
+    pub fn wait_status(&mut self) -> std::process::ExitStatus {
+        let _ = self.wait_exit();
+        self.child.try_wait().ok().flatten().expect("exited")
     }
 
     pub fn boot(cmdline: &str, mem_mib: u64, sock: &Path) -> Self {
@@ -204,7 +234,10 @@ impl Vmm {
         let t = Instant::now();
         loop {
             if let Ok(Some(st)) = self.child.try_wait() {
-                thread::sleep(Duration::from_millis(50));
+                // The pipes reach EOF once the process is gone: everything is collected.
+                for r in self.readers.drain(..) {
+                    let _ = r.join();
+                }
                 return (st.success(), self.stderr());
             }
             assert!(t.elapsed() < DEADLINE, "grove-vmm did not exit\n{}", self.dump());
@@ -267,10 +300,21 @@ impl Api {
         serde_json::from_str(&reply).unwrap_or_else(|e| panic!("bad reply {reply:?}: {e}"))
     }
 
-    /// Sends `req` and asserts the reply is ok.
+    /// Sends `req`, asserts the reply is ok and returns what it carries (the value under
+    /// `reply.<kind>`: the status object, the state, the snapshot report, ...).
     pub fn call(&mut self, req: &Value) -> Value {
         let v = self.raw(&req.to_string());
         assert_eq!(v["ok"], json!(true), "request {req} failed: {v}");
+        let reply = v["reply"].as_object().unwrap_or_else(|| panic!("no reply object: {v}"));
+        assert_eq!(reply.len(), 1, "a reply carries one kind: {v}");
+        reply.values().next().cloned().unwrap()
+    }
+
+    /// Sends one request line and asserts it is refused with `code`.
+    pub fn refused(&mut self, line: &str, code: &str) -> Value {
+        let v = self.raw(line);
+        assert_eq!(v["ok"], json!(false), "{line} must be refused: {v}");
+        assert_eq!(v["error"]["code"], json!(code), "{line}: {v}");
         v
     }
 
