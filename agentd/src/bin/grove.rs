@@ -1,0 +1,659 @@
+//! `grove`: the command line of Grove's node agent. Tables for people, `--json` for
+//! scripts. `grove --help` lists the commands.
+
+use std::collections::HashMap;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+use grove_agentd::client::{self, Clients};
+use grove_proto::v1 as pb;
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+#[command(name = "grove", version, about = "Grove's CLI: templates, sandboxes, snapshots, forks")]
+struct Cli {
+    /// unix:PATH or http(s)://HOST:PORT.
+    #[arg(long, global = true, env = "GROVE_ENDPOINT", default_value = client::DEFAULT_ENDPOINT)]
+    endpoint: String,
+    /// File with the bearer token (TCP endpoints).
+    #[arg(long, global = true, env = "GROVE_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// JSON output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Templates: add, warm, ls, rm.
+    #[command(subcommand)]
+    Template(TemplateCmd),
+    /// Create a sandbox; prints its id.
+    Create {
+        /// From this template.
+        #[arg(long, conflicts_with = "snapshot", required_unless_present = "snapshot")]
+        template: Option<String>,
+        /// From this snapshot.
+        #[arg(long)]
+        snapshot: Option<u64>,
+        /// A label, k=v (repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// vCPUs (default: the template's).
+        #[arg(long, default_value_t = 0)]
+        vcpus: u32,
+        /// Memory in MiB (default: the template's).
+        #[arg(long, default_value_t = 0)]
+        memory_mib: u32,
+        /// Delete it after this many seconds.
+        #[arg(long, default_value_t = 0)]
+        ttl: u32,
+    },
+    /// List sandboxes.
+    Ls {
+        /// Only those with this label, k=v (repeatable: all must match).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Only those in this state (repeatable).
+        #[arg(long = "state")]
+        states: Vec<String>,
+    },
+    /// Show one sandbox.
+    Get { id: String },
+    /// Pause a sandbox.
+    Pause { id: String },
+    /// Resume a sandbox.
+    Resume { id: String },
+    /// Snapshot a sandbox (durable); prints the snapshot id.
+    Snapshot {
+        id: String,
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// Delete sandboxes.
+    Rm {
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Fork a running sandbox into N children; prints their ids.
+    Fork {
+        id: String,
+        #[arg(long, short = 'n')]
+        count: u32,
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// Stream lifecycle events (of one sandbox, or all).
+    Watch {
+        id: Option<String>,
+        /// Start with one line per existing sandbox.
+        #[arg(long)]
+        current: bool,
+    },
+    /// Snapshots: ls, rm.
+    #[command(subcommand)]
+    Snapshots(SnapshotsCmd),
+    /// The node.
+    #[command(subcommand)]
+    Node(NodeCmd),
+}
+
+#[derive(Subcommand)]
+enum TemplateCmd {
+    /// Register a template (paths on agentd's host).
+    Add {
+        name: String,
+        #[arg(long)]
+        kernel: PathBuf,
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        #[arg(long, default_value = "")]
+        cmdline: String,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        #[arg(long, default_value_t = 256)]
+        memory_mib: u32,
+        /// A raw root filesystem image.
+        #[arg(long, conflicts_with = "rootfs_dir")]
+        rootfs_image: Option<PathBuf>,
+        /// A directory made into an ext4 root disk.
+        #[arg(long)]
+        rootfs_dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 0)]
+        disk_mib: u32,
+        /// Ready check: `boot-timer` (guest-init) or `serial:TEXT` (e.g. serial:READY).
+        #[arg(long, default_value = "boot-timer")]
+        ready: String,
+        /// Seconds a warm-up boot may take.
+        #[arg(long, default_value_t = 0)]
+        ready_timeout: u32,
+    },
+    /// Boot once, wait until ready, snapshot: later creates restore.
+    Warm { name: String },
+    /// List templates.
+    Ls,
+    /// Delete a template (refused while sandboxes use it).
+    Rm { name: String },
+}
+
+#[derive(Subcommand)]
+enum SnapshotsCmd {
+    /// List snapshots.
+    Ls,
+    /// Delete a snapshot (refused while in use).
+    Rm { id: u64 },
+}
+
+#[derive(Subcommand)]
+enum NodeCmd {
+    /// Host check, capacity, versions, standby pools.
+    Info,
+    /// Prometheus metrics text.
+    Metrics,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("label {s:?}: expected k=v"))
+}
+
+fn labels(v: &[(String, String)]) -> HashMap<String, String> {
+    v.iter().cloned().collect()
+}
+
+fn state_name(s: i32) -> String {
+    pb::SandboxState::try_from(s)
+        .map(|s| s.as_str_name().trim_start_matches("SANDBOX_STATE_").to_lowercase())
+        .unwrap_or_else(|_| s.to_string())
+}
+
+fn parse_state(s: &str) -> Result<i32, String> {
+    pb::SandboxState::from_str_name(&format!("SANDBOX_STATE_{}", s.to_uppercase()))
+        .map(Into::into)
+        .ok_or_else(|| {
+            format!(
+                "unknown state {s:?} (creating, running, paused, snapshotting, stopped, failed)"
+            )
+        })
+}
+
+fn sorted(m: &HashMap<String, String>) -> Vec<(&String, &String)> {
+    let mut v: Vec<_> = m.iter().collect();
+    v.sort();
+    v
+}
+
+fn labels_text(m: &HashMap<String, String>) -> String {
+    sorted(m).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+fn sandbox_json(s: &pb::Sandbox) -> Value {
+    json!({
+        "id": s.id, "state": state_name(s.state), "reason": s.reason, "template": s.template,
+        "from_snapshot": s.from_snapshot, "parent": s.parent, "labels": s.labels,
+        "vcpus": s.vcpus, "memory_mib": s.memory_mib, "created_unix_ms": s.created_unix_ms,
+        "expires_unix_ms": s.expires_unix_ms, "identity": s.identity, "vmm_pid": s.vmm_pid,
+        "disk_layer": s.disk_layer, "disk_attached": s.disk_attached,
+    })
+}
+
+fn template_json(t: &pb::Template) -> Value {
+    json!({
+        "name": t.name, "kernel": t.kernel, "has_initrd": t.has_initrd, "cmdline": t.cmdline,
+        "vcpus": t.vcpus, "memory_mib": t.memory_mib, "base_layer": t.base_layer,
+        "disk_bytes": t.disk_bytes, "ready_text": t.ready_text, "snapshot": t.snapshot,
+        "created_unix_ms": t.created_unix_ms, "sandboxes": t.sandboxes,
+    })
+}
+
+fn snapshot_json(s: &pb::SnapshotInfo) -> Value {
+    json!({
+        "id": s.id, "parent": s.parent, "sandbox": s.sandbox, "labels": s.labels,
+        "vcpus": s.vcpus, "memory_mib": s.memory_mib, "depth": s.depth, "pages": s.pages,
+        "pause_ms": s.pause_ms, "created_unix_ms": s.created_unix_ms, "refs": s.refs,
+    })
+}
+
+/// Prints rows as aligned columns.
+fn table(head: &[&str], rows: &[Vec<String>]) {
+    let mut w: Vec<usize> = head.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<width$}  ", width = w[i]));
+            }
+        }
+        println!("{}", s.trim_end());
+    };
+    line(head.iter().map(|h| (*h).to_string()).collect());
+    for r in rows {
+        line(r.clone());
+    }
+}
+
+fn sandbox_row(s: &pb::Sandbox) -> Vec<String> {
+    vec![
+        s.id.clone(),
+        state_name(s.state),
+        if s.template.is_empty() {
+            format!("snapshot {}", s.from_snapshot)
+        } else {
+            s.template.clone()
+        },
+        format!("{}x{}M", s.vcpus, s.memory_mib),
+        if s.vmm_pid == 0 { "-".into() } else { s.vmm_pid.to_string() },
+        labels_text(&s.labels),
+        s.reason.clone(),
+    ]
+}
+
+const SANDBOX_HEAD: [&str; 7] = ["ID", "STATE", "FROM", "SHAPE", "PID", "LABELS", "REASON"];
+
+fn print_sandboxes(json_out: bool, v: &[pb::Sandbox]) {
+    if json_out {
+        println!("{}", Value::Array(v.iter().map(sandbox_json).collect()));
+    } else {
+        table(&SANDBOX_HEAD, &v.iter().map(sandbox_row).collect::<Vec<_>>());
+    }
+}
+
+fn print_sandbox(json_out: bool, s: &pb::Sandbox) {
+    if json_out {
+        println!("{}", sandbox_json(s));
+    } else {
+        table(&SANDBOX_HEAD, &[sandbox_row(s)]);
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    let token = match &cli.token_file {
+        Some(p) => Some(grove_agentd::config::read_token(p)?),
+        None => None,
+    };
+    let mut c: Clients = client::connect(&cli.endpoint, token.as_deref())
+        .await
+        .map_err(|e| grove_agentd::error::one_line(&e))?;
+    let j = cli.json;
+    let st = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
+    match cli.cmd {
+        Cmd::Template(t) => match t {
+            TemplateCmd::Add {
+                name,
+                kernel,
+                initrd,
+                cmdline,
+                vcpus,
+                memory_mib,
+                rootfs_image,
+                rootfs_dir,
+                disk_mib,
+                ready,
+                ready_timeout,
+            } => {
+                let abs = |p: PathBuf| -> Result<String, String> {
+                    std::path::absolute(&p)
+                        .map(|p| p.display().to_string())
+                        .map_err(|e| format!("{}: {e}", p.display()))
+                };
+                let (ready_check, ready_text) = match ready.split_once(':') {
+                    Some(("serial", text)) => (pb::ReadyCheck::SerialText, text.to_string()),
+                    None if ready == "boot-timer" => (pb::ReadyCheck::BootTimer, String::new()),
+                    _ => {
+                        return Err(format!(
+                            "--ready {ready:?}: expected boot-timer or serial:TEXT"
+                        ))
+                    }
+                };
+                let rootfs = match (rootfs_image, rootfs_dir) {
+                    (Some(i), _) => {
+                        Some(pb::register_template_request::Rootfs::RootfsImage(abs(i)?))
+                    }
+                    (None, Some(d)) => {
+                        Some(pb::register_template_request::Rootfs::RootfsDir(abs(d)?))
+                    }
+                    (None, None) => None,
+                };
+                let t = c
+                    .template
+                    .register(pb::RegisterTemplateRequest {
+                        name,
+                        kernel: abs(kernel)?,
+                        initrd: initrd.map(abs).transpose()?.unwrap_or_default(),
+                        cmdline,
+                        vcpus,
+                        memory_mib,
+                        rootfs,
+                        disk_mib,
+                        ready_check: ready_check.into(),
+                        ready_text,
+                        ready_timeout_seconds: ready_timeout,
+                    })
+                    .await
+                    .map_err(st)?
+                    .into_inner();
+                if j {
+                    println!("{}", template_json(&t));
+                } else {
+                    println!("{}", t.name);
+                }
+            }
+            TemplateCmd::Warm { name } => {
+                let mut s =
+                    c.template.warm(pb::WarmRequest { name }).await.map_err(st)?.into_inner();
+                let tty = std::io::stderr().is_terminal() && !j;
+                let t0 = Instant::now();
+                let spin = ['|', '/', '-', '\\'];
+                let mut stage = String::from("starting");
+                let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+                let mut n = 0usize;
+                loop {
+                    tokio::select! {
+                        m = s.message() => {
+                            let m = m.map_err(|e| { if tty { eprintln!(); } st(e) })?;
+                            let Some(m) = m else { break };
+                            stage = m.message.clone();
+                            if !tty && !j {
+                                eprintln!("[{:>7.1} s] {}", m.elapsed_ms / 1000.0, m.message);
+                            }
+                            if let Some(t) = m.template {
+                                if tty {
+                                    eprintln!("\r{:>60}\r[{:>6.1} s] done", "", t0.elapsed().as_secs_f64());
+                                }
+                                if j {
+                                    println!("{}", template_json(&t));
+                                } else {
+                                    println!("{}: warm (snapshot {})", t.name, t.snapshot);
+                                }
+                            }
+                        }
+                        _ = tick.tick(), if tty => {
+                            n += 1;
+                            eprint!("\r{} [{:>6.1} s] {:<60}", spin[n % 4], t0.elapsed().as_secs_f64(), stage);
+                            let _ = std::io::stderr().flush();
+                        }
+                    }
+                }
+            }
+            TemplateCmd::Ls => {
+                let v = c
+                    .template
+                    .list(pb::ListTemplatesRequest {})
+                    .await
+                    .map_err(st)?
+                    .into_inner()
+                    .templates;
+                if j {
+                    println!("{}", Value::Array(v.iter().map(template_json).collect()));
+                } else {
+                    let rows: Vec<_> = v
+                        .iter()
+                        .map(|t| {
+                            vec![
+                                t.name.clone(),
+                                format!("{}x{}M", t.vcpus, t.memory_mib),
+                                if t.snapshot == 0 {
+                                    "no".into()
+                                } else {
+                                    format!("snapshot {}", t.snapshot)
+                                },
+                                if t.base_layer == 0 {
+                                    "-".into()
+                                } else {
+                                    format!("layer {} ({} MiB)", t.base_layer, t.disk_bytes >> 20)
+                                },
+                                t.sandboxes.to_string(),
+                                t.cmdline.clone(),
+                            ]
+                        })
+                        .collect();
+                    table(&["NAME", "SHAPE", "WARM", "DISK", "SANDBOXES", "CMDLINE"], &rows);
+                }
+            }
+            TemplateCmd::Rm { name } => {
+                c.template.delete(pb::DeleteTemplateRequest { name }).await.map_err(st)?;
+            }
+        },
+        Cmd::Create { template, snapshot, labels: l, vcpus, memory_mib, ttl } => {
+            let source = match (template, snapshot) {
+                (Some(t), _) => Some(pb::create_request::Source::Template(t)),
+                (None, Some(s)) => Some(pb::create_request::Source::SnapshotId(s)),
+                (None, None) => None,
+            };
+            let s = c
+                .sandbox
+                .create(pb::CreateRequest {
+                    source,
+                    labels: labels(&l),
+                    vcpus,
+                    memory_mib,
+                    ttl_seconds: ttl,
+                    network: None,
+                })
+                .await
+                .map_err(st)?
+                .into_inner();
+            if j {
+                println!("{}", sandbox_json(&s));
+            } else {
+                println!("{}", s.id);
+            }
+        }
+        Cmd::Ls { labels: l, states } => {
+            let states = states.iter().map(|s| parse_state(s)).collect::<Result<Vec<_>, _>>()?;
+            let mut all = Vec::new();
+            let mut token = String::new();
+            loop {
+                let r = c
+                    .sandbox
+                    .list(pb::ListRequest {
+                        labels: labels(&l),
+                        states: states.clone(),
+                        page_size: 1000,
+                        page_token: token,
+                    })
+                    .await
+                    .map_err(st)?
+                    .into_inner();
+                all.extend(r.sandboxes);
+                if r.next_page_token.is_empty() {
+                    break;
+                }
+                token = r.next_page_token;
+            }
+            print_sandboxes(j, &all);
+        }
+        Cmd::Get { id } => {
+            let s = c.sandbox.get(pb::GetRequest { id }).await.map_err(st)?.into_inner();
+            print_sandbox(j, &s);
+        }
+        Cmd::Pause { id } => {
+            let s = c.sandbox.pause(pb::PauseRequest { id }).await.map_err(st)?.into_inner();
+            print_sandbox(j, &s);
+        }
+        Cmd::Resume { id } => {
+            let s = c.sandbox.resume(pb::ResumeRequest { id }).await.map_err(st)?.into_inner();
+            print_sandbox(j, &s);
+        }
+        Cmd::Snapshot { id, labels: l } => {
+            let s = c
+                .sandbox
+                .snapshot(pb::SnapshotRequest { id, labels: labels(&l) })
+                .await
+                .map_err(st)?
+                .into_inner();
+            if j {
+                println!("{}", snapshot_json(&s));
+            } else {
+                println!("{}", s.id);
+            }
+        }
+        Cmd::Rm { ids } => {
+            for id in ids {
+                c.sandbox.delete(pb::DeleteRequest { id }).await.map_err(st)?;
+            }
+        }
+        Cmd::Fork { id, count, labels: l } => {
+            let r = c
+                .sandbox
+                .fork(pb::ForkRequest {
+                    id,
+                    count,
+                    labels: labels(&l),
+                    child_labels: Vec::new(),
+                    ttl_seconds: 0,
+                })
+                .await
+                .map_err(st)?
+                .into_inner();
+            if j {
+                println!(
+                    "{}",
+                    json!({
+                        "snapshot": r.snapshot.as_ref().map(snapshot_json),
+                        "children": r.children.iter().map(sandbox_json).collect::<Vec<_>>(),
+                    })
+                );
+            } else {
+                for ch in &r.children {
+                    println!("{}", ch.id);
+                }
+            }
+        }
+        Cmd::Watch { id, current } => {
+            let mut s = c
+                .sandbox
+                .watch(pb::WatchRequest { id: id.unwrap_or_default(), include_current: current })
+                .await
+                .map_err(st)?
+                .into_inner();
+            while let Some(ev) = s.message().await.map_err(st)? {
+                let kind = pb::EventKind::try_from(ev.kind)
+                    .map(|k| k.as_str_name().trim_start_matches("EVENT_KIND_").to_lowercase())
+                    .unwrap_or_default();
+                let sb = ev.sandbox.unwrap_or_default();
+                if j {
+                    println!(
+                        "{}",
+                        json!({"kind": kind, "unix_ms": ev.unix_ms, "sandbox": sandbox_json(&sb)})
+                    );
+                } else {
+                    println!(
+                        "{} {:<8} {} {} {}",
+                        ev.unix_ms,
+                        kind,
+                        sb.id,
+                        state_name(sb.state),
+                        sb.reason
+                    );
+                }
+                let _ = std::io::stdout().flush();
+            }
+        }
+        Cmd::Snapshots(s) => match s {
+            SnapshotsCmd::Ls => {
+                let v = c
+                    .sandbox
+                    .list_snapshots(pb::ListSnapshotsRequest {})
+                    .await
+                    .map_err(st)?
+                    .into_inner()
+                    .snapshots;
+                if j {
+                    println!("{}", Value::Array(v.iter().map(snapshot_json).collect()));
+                } else {
+                    let rows: Vec<_> = v
+                        .iter()
+                        .map(|s| {
+                            vec![
+                                s.id.to_string(),
+                                if s.parent == 0 { "-".into() } else { s.parent.to_string() },
+                                if s.sandbox.is_empty() { "-".into() } else { s.sandbox.clone() },
+                                format!("{}x{}M", s.vcpus, s.memory_mib),
+                                s.depth.to_string(),
+                                s.refs.to_string(),
+                                labels_text(&s.labels),
+                            ]
+                        })
+                        .collect();
+                    table(&["ID", "PARENT", "SANDBOX", "SHAPE", "DEPTH", "REFS", "LABELS"], &rows);
+                }
+            }
+            SnapshotsCmd::Rm { id } => {
+                c.sandbox.delete_snapshot(pb::DeleteSnapshotRequest { id }).await.map_err(st)?;
+            }
+        },
+        Cmd::Node(NodeCmd::Info) => {
+            let i = c.node.info(pb::InfoRequest {}).await.map_err(st)?.into_inner();
+            let cap = i.capacity.unwrap_or_default();
+            if j {
+                let host: Value = serde_json::from_str(&i.host_check_json).unwrap_or(Value::Null);
+                println!(
+                    "{}",
+                    json!({
+                        "agentd_version": i.agentd_version, "vmm_api_version": i.vmm_api_version,
+                        "api": i.api, "hostname": i.hostname, "kernel": i.kernel, "kvm": i.kvm,
+                        "data_dir": i.data_dir, "started_unix_ms": i.started_unix_ms, "host": host,
+                        "capacity": {"memory_mib": cap.memory_mib, "memory_used_mib": cap.memory_used_mib,
+                            "vcpus": cap.vcpus, "vcpus_used": cap.vcpus_used, "sandboxes": cap.sandboxes},
+                        "pools": i.pools.iter().map(|p| json!({"vcpus": p.vcpus, "memory_mib": p.memory_mib, "ready": p.ready, "target": p.target})).collect::<Vec<_>>(),
+                    })
+                );
+            } else {
+                println!(
+                    "agentd     {} (API {}, VMM API {})",
+                    i.agentd_version, i.api, i.vmm_api_version
+                );
+                println!("host       {} (Linux {})", i.hostname, i.kernel);
+                println!("kvm        {}", if i.kvm.is_empty() { "?" } else { &i.kvm });
+                println!("data       {}", i.data_dir);
+                println!("memory     {} of {} MiB in use", cap.memory_used_mib, cap.memory_mib);
+                println!("vcpus      {} of {} in use", cap.vcpus_used, cap.vcpus);
+                println!("sandboxes  {}", cap.sandboxes);
+                for p in &i.pools {
+                    println!(
+                        "standby    {}x{}M: {} ready of {}",
+                        p.vcpus, p.memory_mib, p.ready, p.target
+                    );
+                }
+            }
+        }
+        Cmd::Node(NodeCmd::Metrics) => {
+            let m = c.node.metrics(pb::MetricsRequest {}).await.map_err(st)?.into_inner();
+            print!("{}", m.text);
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("grove: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // println! panics on a closed pipe; errors go to stderr, which we leave as is.
+            eprintln!("grove: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
