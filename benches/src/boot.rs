@@ -488,7 +488,8 @@ fn chunks(mut r: impl Read + Send + 'static) -> Receiver<(Instant, String)> {
     rx
 }
 
-fn lines(r: impl Read + Send + 'static) -> Receiver<(Instant, String)> {
+/// Lines of `r`, each with the instant it was read, until EOF.
+pub(crate) fn lines(r: impl Read + Send + 'static) -> Receiver<(Instant, String)> {
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
         for line in BufReader::new(r).lines() {

@@ -1,4 +1,4 @@
-//! `grove-bench disk [--json] [--runs N] [--dir PATH] [--mib N]`: the layered block
+//! `grove-bench disk [--json] [--runs N] [--dir PATH] [--mib N] [--dmthin]`: the layered block
 //! store against a raw file on the same filesystem.
 //!
 //! - snapshot and clone latency of 1 GiB and 20 GiB sparse disks (a few dirty
@@ -11,14 +11,23 @@
 //!
 //! Files go through the page cache (no O_DIRECT), as a virtio-blk backend using the
 //! store would; the base image is read once before timing.
+//!
+//! `--dmthin` (root, a kernel with device-mapper and dm-thin-pool: the test host's
+//! `diskdm` scenario): the snapshot and clone latencies of the dm-thin backend too, the same
+//! sizes and the same writes before each snapshot, in one pool over two loop devices on
+//! sparse files in the same directory, in the same run, beside the layered store's; the
+//! throughput and chain parts are then skipped.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
+use grove_storage::block::dmthin::{attach_loop, detach_loop, dm_available, DmThinStore};
 use grove_storage::block::layered::LayeredStore;
-use grove_storage::block::{BlockDevice, BlockStore};
+use grove_storage::block::{BlockDevice, BlockIo, BlockStore};
+use grove_storage::catalog::Catalog;
 use serde::Serialize;
 
 use crate::stats::{flag, wants_json, Summary};
@@ -74,18 +83,27 @@ struct ChainLatency {
 struct Report {
     conditions: Conditions,
     snapshot_clone: Vec<SizeLatency>,
+    /// `--dmthin`: the dm-thin backend's figures, same sizes, same run (then the layered
+    /// store's throughput and chain figures are not taken).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dmthin_snapshot_clone: Option<Vec<DmThinLatency>>,
     throughput_depth1: Vec<Throughput>,
     chain_read_latency: Vec<ChainLatency>,
 }
 
 /// A scratch directory removed on drop.
-struct Scratch(PathBuf);
+pub(crate) struct Scratch(PathBuf);
 
 impl Scratch {
-    fn new(parent: &Path) -> Result<Self, String> {
+    pub(crate) fn new(parent: &Path) -> Result<Self, String> {
         let p = parent.join(format!("grove-bench-disk-{}", std::process::id()));
         std::fs::create_dir_all(&p).map_err(|e| format!("{}: {e}", p.display()))?;
         Ok(Self(p))
+    }
+
+    /// The scratch directory (removed on drop).
+    pub(crate) fn path(&self) -> &Path {
+        &self.0
     }
 }
 
@@ -113,21 +131,57 @@ impl Lcg {
     }
 }
 
-fn fs_type(dir: &Path) -> String {
+pub(crate) fn fs_type(dir: &Path) -> String {
     let out = std::process::Command::new("stat").args(["-f", "-c", "%T"]).arg(dir).output();
     out.ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_else(|| "unknown".into())
 }
 
-fn loadavg() -> String {
+pub(crate) fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
-fn kernel() -> String {
+pub(crate) fn kernel() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Times `runs` snapshots of `disk` (8 random 4 KiB writes before each) and `runs` clones
+/// of the last frozen layer (each clone released again); `prep` runs untimed before each.
+fn time_snapshot_clone<S: BlockStore>(
+    store: &S,
+    disk: &S::Disk,
+    size: u64,
+    runs: usize,
+    rng: &mut Lcg,
+    prep: &mut dyn FnMut() -> Result<(), String>,
+) -> Result<(Vec<f64>, Vec<f64>), String> {
+    let blocks = size / BLOCK as u64;
+    let buf = vec![0x5a; BLOCK];
+    let (mut snapshot, mut clone) = (Vec::new(), Vec::new());
+    let mut frozen = None;
+    for _ in 0..runs {
+        prep()?;
+        for _ in 0..8 {
+            disk.write(rng.next() % blocks * 8, &buf).map_err(e2s)?;
+        }
+        let t = Instant::now();
+        frozen = Some(disk.snapshot().map_err(e2s)?);
+        snapshot.push(ms(t));
+    }
+    let frozen = frozen.ok_or("no snapshot")?;
+    for _ in 0..runs {
+        prep()?;
+        let t = Instant::now();
+        let c = store.clone_disk(frozen).map_err(e2s)?;
+        clone.push(ms(t));
+        let l = c.layer();
+        drop(c);
+        store.release(l).map_err(e2s)?;
+    }
+    Ok((snapshot, clone))
 }
 
 fn snapshot_clone(dir: &Path, gib: u64, runs: usize) -> Result<SizeLatency, String> {
@@ -137,36 +191,11 @@ fn snapshot_clone(dir: &Path, gib: u64, runs: usize) -> Result<SizeLatency, Stri
     let base = store.create_base(size, None).map_err(e2s)?;
     let disk = store.clone_disk(base).map_err(e2s)?;
     let mut rng = Lcg(gib);
-    let blocks = size / BLOCK as u64;
-    let buf = vec![0x5a; BLOCK];
-    let mut snaps = Vec::new();
-    let (mut snapshot, mut snapshot_cold) = (Vec::new(), Vec::new());
-    let (mut clone, mut clone_cold) = (Vec::new(), Vec::new());
-    for spare in [false, true] {
-        for _ in 0..runs {
-            if spare {
-                store.prepare_spares(size, 1).map_err(e2s)?;
-            }
-            for _ in 0..8 {
-                disk.write(rng.next() % blocks * 8, &buf).map_err(e2s)?;
-            }
-            let t = Instant::now();
-            snaps.push(disk.snapshot().map_err(e2s)?);
-            if spare { &mut snapshot } else { &mut snapshot_cold }.push(ms(t));
-        }
-        let frozen = *snaps.last().ok_or("no snapshot")?;
-        for _ in 0..runs {
-            if spare {
-                store.prepare_spares(size, 1).map_err(e2s)?;
-            }
-            let t = Instant::now();
-            let c = store.clone_disk(frozen).map_err(e2s)?;
-            if spare { &mut clone } else { &mut clone_cold }.push(ms(t));
-            let l = c.layer();
-            drop(c);
-            store.release(l).map_err(e2s)?;
-        }
-    }
+    let (snapshot_cold, clone_cold) =
+        time_snapshot_clone(&store, &disk, size, runs, &mut rng, &mut || Ok(()))?;
+    let (snapshot, clone) = time_snapshot_clone(&store, &disk, size, runs, &mut rng, &mut || {
+        store.prepare_spares(size, 1).map_err(e2s)
+    })?;
     drop(disk);
     drop(store);
     let _ = std::fs::remove_dir_all(&root);
@@ -178,6 +207,78 @@ fn snapshot_clone(dir: &Path, gib: u64, runs: usize) -> Result<SizeLatency, Stri
         snapshot_no_spare: sum(&snapshot_cold)?,
         clone_no_spare: sum(&clone_cold)?,
     })
+}
+
+#[derive(Serialize)]
+struct DmThinLatency {
+    disk_gib: u64,
+    snapshot: Summary,
+    clone: Summary,
+}
+
+/// A thin pool over two loop devices on sparse files in `dir`: torn down (dm devices, then
+/// the loops) on drop, also on an error path.
+struct Pool {
+    store: Option<DmThinStore>,
+    loops: Vec<PathBuf>,
+}
+
+impl Pool {
+    fn create(dir: &Path, data_gib: u64) -> Result<Self, String> {
+        dm_available()?;
+        let (meta, data) = (dir.join("dm-meta"), dir.join("dm-data"));
+        File::create(&meta).and_then(|f| f.set_len(64 << 20)).map_err(e2s)?;
+        File::create(&data).and_then(|f| f.set_len(data_gib * GIB)).map_err(e2s)?;
+        let mut pool = Pool { store: None, loops: Vec::new() };
+        for f in [&meta, &data] {
+            pool.loops.push(attach_loop(f).map_err(|e| format!("attach a loop device: {e}"))?);
+        }
+        let catalog = Arc::new(Catalog::open(&dir.join("dm-catalog")).map_err(e2s)?);
+        let prefix = format!("grove-bench-{}", std::process::id());
+        pool.store = Some(
+            DmThinStore::create(&prefix, &pool.loops[0], &pool.loops[1], catalog)
+                .map_err(|e| format!("create a thin pool: {e}"))?,
+        );
+        Ok(pool)
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        if let Some(s) = self.store.take() {
+            if let Err(e) = s.teardown() {
+                eprintln!("grove-bench disk: thin pool teardown: {e}");
+            }
+        }
+        for l in &self.loops {
+            if let Err(e) = detach_loop(l) {
+                eprintln!("grove-bench disk: {e}");
+            }
+        }
+    }
+}
+
+/// Snapshot and clone latency of thin volumes of each size, in one pool in `dir`.
+fn dmthin_snapshot_clone(
+    dir: &Path,
+    sizes: &[u64],
+    runs: usize,
+) -> Result<Vec<DmThinLatency>, String> {
+    let pool = Pool::create(dir, 4)?;
+    let store = pool.store.as_ref().ok_or("no pool")?;
+    let mut out = Vec::new();
+    for &gib in sizes {
+        let size = gib * GIB;
+        let base = store.create_base(size, None).map_err(e2s)?;
+        let disk = store.clone_disk(base).map_err(e2s)?;
+        let mut rng = Lcg(gib);
+        let (snapshot, clone) =
+            time_snapshot_clone(store, &disk, size, runs, &mut rng, &mut || Ok(()))?;
+        drop(disk);
+        let sum = |v: &[f64]| Summary::of("ms", v).ok_or("no samples");
+        out.push(DmThinLatency { disk_gib: gib, snapshot: sum(&snapshot)?, clone: sum(&clone)? });
+    }
+    Ok(out)
 }
 
 fn fdatasync_latency(dir: &Path, runs: usize) -> Result<Summary, String> {
@@ -359,6 +460,9 @@ fn chain_latency(dir: &Path, depth: usize, reads: usize) -> Result<ChainLatency,
 }
 
 pub fn run(args: &[String]) -> Result<(), String> {
+    if args.iter().any(|a| a == "--virtio") {
+        return crate::diskvirtio::run(args);
+    }
     let runs: usize = flag(args, "--runs")?.unwrap_or(30);
     let mib: u64 = flag(args, "--mib")?.unwrap_or(256);
     let parent: PathBuf = flag::<String>(args, "--dir")?
@@ -371,15 +475,20 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let scratch = Scratch::new(&parent)?;
     let dir = &scratch.0;
     let fsync = fdatasync_latency(dir, runs)?;
+    let dmthin = args.iter().any(|a| a == "--dmthin");
+    let sizes = [1, 20];
     let mut snapshot_clone_v = Vec::new();
-    for gib in [1, 20] {
+    for gib in sizes {
         snapshot_clone_v.push(snapshot_clone(dir, gib, runs)?);
     }
-    let tp_runs = runs.clamp(1, 7);
-    let throughput_v = throughput(dir, mib << 20, tp_runs)?;
-    let mut chain_v = Vec::new();
-    for depth in [1, 10, 50] {
-        chain_v.push(chain_latency(dir, depth, 20_000)?);
+    let (mut throughput_v, mut chain_v, mut dmthin_v) = (Vec::new(), Vec::new(), None);
+    if dmthin {
+        dmthin_v = Some(dmthin_snapshot_clone(dir, &sizes, runs)?);
+    } else {
+        throughput_v = throughput(dir, mib << 20, runs.clamp(1, 7))?;
+        for depth in [1, 10, 50] {
+            chain_v.push(chain_latency(dir, depth, 20_000)?);
+        }
     }
     let report = Report {
         conditions: Conditions {
@@ -396,6 +505,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             loadavg_after: loadavg(),
         },
         snapshot_clone: snapshot_clone_v,
+        dmthin_snapshot_clone: dmthin_v,
         throughput_depth1: throughput_v,
         chain_read_latency: chain_v,
     };
@@ -415,6 +525,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
         println!("  {:>2} GiB sparse  clone:             {}", s.disk_gib, s.clone);
         println!("  {:>2} GiB sparse  snapshot no spare: {}", s.disk_gib, s.snapshot_no_spare);
         println!("  {:>2} GiB sparse  clone no spare:    {}", s.disk_gib, s.clone_no_spare);
+    }
+    for s in report.dmthin_snapshot_clone.iter().flatten() {
+        println!("  {:>2} GiB dm-thin snapshot:          {}", s.disk_gib, s.snapshot);
+        println!("  {:>2} GiB dm-thin clone:             {}", s.disk_gib, s.clone);
     }
     for t in &report.throughput_depth1 {
         println!(

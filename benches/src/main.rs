@@ -5,22 +5,42 @@
 //! as one JSON document with `--json`. Timings live here and in the docs, never in
 //! test assertions.
 
+mod api;
 mod boot;
+mod boot_linux;
 mod disk;
+mod diskvirtio;
+mod exec;
+mod net;
+mod net_guest;
 mod snapshot;
 mod stats;
 mod vmm_driver;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: grove-bench <boot|snapshot|restore|fork|disk> [--json] [options]
+const USAGE: &str =
+    "usage: grove-bench <boot|snapshot|restore|fork|disk|net|net-guest|exec|api> [--json] [options]
   boot     [--runs N] [--mem-mib M] [--touch-mib T] [--vcpus V]
+  boot --linux [--runs N] [--vcpus V] [--mem-mib M] [--kernel K] [--initrd I] [--qemu BIN]
+           [--no-qemu]   (VMM start to guest-init ready beside QEMU -M microvm on the same KVM;
+           where KVM runs Linux: scripts/testhost.sh bootbench)
   snapshot [--runs N] [--sizes 256,1024,4096] [--busy-gaps-ms ...] [--storage-only]
   restore  [--runs N] [--mem-mib M] [--touch-mib T] [--storage-only]
   fork     [--runs N] [--children 1,4,16,64] [--mem-mode mmap|uffd] [--no-standby]
            [--stop-children] [--spin]
-  disk     [--runs N] [--mib M]
-env: GROVE_VMM (grove-vmm binary), GROVE_TESTGUEST (test guest ELF), FIRECRACKER_BIN";
+  disk     [--runs N] [--mib M] [--dir D] [--dmthin]   (--dmthin: snapshot/clone of dm-thin beside the
+           layered store; root, device-mapper: scripts/testhost.sh diskdm)
+  disk --virtio [--mib M] [--ops N] [--kernel K] [--initrd I] [--qemu BIN]   (guest-side, on
+           grove-vmm's virtio-blk and QEMU's, where KVM runs Linux: scripts/testhost.sh diskbench)
+  net      [--runs N] [--seconds S]   (root; slots, policy updates, program cost, tap throughput)
+  net-guest [--runs N] [--mib M]      (in the test host: scripts/testhost.sh netbench; Linux guest
+           to server throughput, grove-vmm virtio-net vs QEMU's, both on netd slots)
+  exec     [--boots N] [--restores N] [--execs N] [--files N] [--file-mib M] [--mem-mib M]
+           [--kernel PATH] [--initrd PATH]   (a Linux guest: the test host)
+  api      [--runs N] [--mem-mib M] [--fork N] [--fork-runs N] [--seconds S] [--workers W] [--pool P]
+env: GROVE_VMM (grove-vmm binary), GROVE_TESTGUEST (test guest ELF), GROVE_AGENTD, FIRECRACKER_BIN,
+  GUEST_KERNEL / GUEST_INITRD (exec's and net-guest's Linux guest); net-guest: QEMU, GROVE_OUT";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -34,11 +54,16 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let result = match cmd.as_str() {
+        "boot" if rest.iter().any(|a| a == "--linux") => boot_linux::run(rest),
         "boot" => boot::run(rest),
         "snapshot" => snapshot::run_snapshot(rest),
         "restore" => snapshot::run_restore(rest),
         "fork" => snapshot::run_fork(rest),
         "disk" => disk::run(rest),
+        "net" => net::run(rest),
+        "exec" => exec::run(rest),
+        "net-guest" => net_guest::run(rest),
+        "api" => api::run(rest),
         "-h" | "--help" => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

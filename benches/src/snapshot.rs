@@ -232,11 +232,7 @@ impl Mem {
         self.regions
             .iter()
             .enumerate()
-            .map(|(i, (gpa, m))| RegionMemory {
-                gpa: *gpa,
-                mem: m,
-                dirty: maps.map(|ms| ms[i].as_slice()),
-            })
+            .map(|(i, (gpa, m))| RegionMemory::from_slice(*gpa, m, maps.map(|ms| ms[i].as_slice())))
             .collect()
     }
 }
@@ -834,7 +830,7 @@ fn start_standby(vmm: &Path, mem_mib: u64, sock: PathBuf) -> Result<Standby, Str
     )?;
     let mut api = v.api()?;
     let st = api.call(&serde_json::json!({"cmd": "status"}))?;
-    if st.get("state").and_then(serde_json::Value::as_str) != Some("standby") {
+    if st.pointer("/status/state").and_then(serde_json::Value::as_str) != Some("standby") {
         return Err(format!("standby VMM status: {st}"));
     }
     Ok(Standby { vmm: v, api })
@@ -847,7 +843,7 @@ fn restore_request(dir: &Path, identity: u32) -> serde_json::Value {
 /// After the standby's first `T`: its reply and its own figure.
 fn standby_finish(sb: &mut Standby, out: &mut RestoreSamples) -> Result<(), String> {
     let reply = sb.api.recv()?;
-    out.reply.push(drv::reply_f64(&reply, "/restore_ms")?);
+    out.reply.push(drv::reply_f64(&reply, "/restored/restore_ms")?);
     if let (Some(req), Some(first)) =
         (sb.vmm.timing_mark("restore request"), sb.vmm.timing_mark("first guest serial output"))
     {

@@ -282,17 +282,13 @@ impl Api {
     }
 }
 
-/// A reply line: its JSON when `"ok": true`, else the error it carries.
+/// A reply line (grove-vmm-api's format): the reply it carries as JSON (`{"snapshot":{..}}`,
+/// `{"status":{..}}`, ...), or the VMM's error as text.
 pub fn parse_reply(line: &str) -> Result<Value, String> {
-    let v: Value = serde_json::from_str(line.trim())
-        .map_err(|e| format!("bad reply {:?}: {e}", line.trim()))?;
-    if v.get("ok").and_then(Value::as_bool) == Some(true) {
-        Ok(v)
-    } else {
-        Err(format!(
-            "grove-vmm refused: {}",
-            v.get("error").and_then(Value::as_str).unwrap_or(line.trim())
-        ))
+    match grove_vmm_api::decode_reply(line) {
+        Ok(Ok(r)) => serde_json::to_value(r).map_err(|e| format!("reply to JSON: {e}")),
+        Ok(Err(e)) => Err(format!("grove-vmm refused: {e}")),
+        Err(e) => Err(format!("bad reply {:?}: {e}", line.trim())),
     }
 }
 
@@ -483,10 +479,14 @@ Pss_Shmem:             0 kB
 
     #[test]
     fn parses_replies_and_lists() {
-        let v = parse_reply(r#"{"ok":true,"snapshot":{"pause_ms":0.5,"pages":3}}"#).unwrap();
+        let line = r#"{"ok":true,"reply":{"snapshot":{"dir":"/s","depth":1,"pages":3,"pause_ms":0.5,"total_ms":2.0}}}"#;
+        let v = parse_reply(line).unwrap();
         assert!((reply_f64(&v, "/snapshot/pause_ms").unwrap() - 0.5).abs() < f64::EPSILON);
-        assert!(reply_f64(&v, "/snapshot/total_ms").is_err());
-        let e = parse_reply(r#"{"ok":false,"error":"diff without a base"}"#).unwrap_err();
+        assert!(reply_f64(&v, "/snapshot/nothing").is_err());
+        let e = parse_reply(
+            r#"{"ok":false,"error":{"code":"failed-precondition","message":"diff without a base"}}"#,
+        )
+        .unwrap_err();
         assert!(e.contains("diff without a base"), "{e}");
         assert!(parse_reply("not json").is_err());
         assert_eq!(parse_list::<u32>("1,4, 16,64", "--children").unwrap(), vec![1, 4, 16, 64]);
