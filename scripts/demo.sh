@@ -1,59 +1,78 @@
 #!/usr/bin/env bash
-# The main job: boot a sandbox (the test guest) on grove-vmm, then fork the running
-# sandbox into N children that diverge, and show that each child sees only its own writes.
-#   scripts/demo.sh [N]        (default N = 4)
+# The short tour of Grove through its node agent: start agentd, register the test guest as
+# a template and warm it, create a sandbox, fork it into 4 children (each with its own
+# identity), list them, delete everything, stop agentd.
+#   scripts/demo.sh            (as root, or as a user with sudo)
+# agentd runs as root (KVM, its data directory); its data directory and socket are
+# temporary and removed at the end. scripts/vmm-demo.sh is the same story one level down,
+# driving grove-vmm's control socket directly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-N="${1:-4}"
-VMM="$PWD/target/release/grove-vmm"
-[ -x "$VMM" ] || cargo build --release -p grove-vmm --quiet
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null || { echo "demo: run as root, or install sudo" >&2; exit 1; }
+  SUDO=sudo
+fi
+BIN="$PWD/target/release"
+for b in agentd grove grove-vmm; do
+  [ -x "$BIN/$b" ] || { cargo build --release -p grove-agentd -p grove-vmm --quiet; break; }
+done
 GUEST="$(scripts/build-testguest.sh | tail -1)"
 WORK="$(mktemp -d /tmp/grove-demo.XXXXXX)"
-PIDS=()
+chmod 755 "$WORK"
+SOCK="$WORK/agentd.sock"
+DATA="$WORK/data"
+G=($SUDO "$BIN/grove" --endpoint "unix:$SOCK")
+
 cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
+  set +e
+  if [ -f "$WORK/agentd.pid" ]; then $SUDO kill "$(cat "$WORK/agentd.pid")" 2>/dev/null; sleep 0.2; fi
+  # VMMs outlive agentd by design (a restart adopts them): the demo stops its own.
+  for p in "$DATA"/vmm/*/pid; do
+    [ -f "$p" ] || continue
+    pid="$(cat "$p")"
+    if $SUDO grep -qa "$DATA" "/proc/$pid/cmdline" 2>/dev/null; then $SUDO kill -9 "$pid"; fi
+  done
+  $SUDO rm -rf "$WORK"
 }
 trap cleanup EXIT
 
-# Waits until FILE contains PATTERN (at most ~10 s).
-wait_for() {
-  for _ in $(seq 200); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.05; done
-  echo "demo: timed out waiting for '$2' in $1" >&2
-  return 1
-}
+echo "== start agentd (data in $DATA)" >&2
+$SUDO sh -c "echo \$\$ > '$WORK/agentd.pid'; exec '$BIN/agentd' --data-dir '$DATA' --listen 'unix:$SOCK' \
+  --metrics-listen '' --vmm '$BIN/grove-vmm' --pool-size 4 2>'$WORK/agentd.log'" &
+for _ in $(seq 200); do [ -S "$SOCK" ] && break; sleep 0.05; done
+[ -S "$SOCK" ] || { echo "demo: agentd did not start:" >&2; $SUDO cat "$WORK/agentd.log" >&2; exit 1; }
+"${G[@]}" node info
 
-echo "== host" >&2
-"$VMM" check-host | sed -n 1,3p
+echo "== register the test guest as a template and warm it (boot, wait for READY, snapshot)" >&2
+"${G[@]}" template add demo --kernel "$GUEST" --cmdline "tg.mode=fork tg.touch_mib=64 tg.idle_us=1000" \
+  --memory-mib 256 --ready serial:READY >/dev/null
+"${G[@]}" template warm demo
+"${G[@]}" template ls
 
-echo "== boot: the test guest says hello and resets (exit status 0)" >&2
-"$VMM" run --kernel "$GUEST" --cmdline "tg.mode=hello" --mem-mib 128
+echo "== create a sandbox from it (a restore into a standby VMM)" >&2
+ID="$("${G[@]}" create --template demo --label demo=parent)"
+echo "$ID"
 
-echo "== boot a long-running sandbox (256 MiB, 64 MiB written) with a control socket" >&2
-"$VMM" run --kernel "$GUEST" --cmdline "tg.mode=fork tg.touch_mib=64 tg.idle_us=1000" --mem-mib 256 \
-  --api-sock "$WORK/parent.sock" --serial "$WORK/parent.out" 2>"$WORK/parent.err" &
-PIDS+=($!)
-wait_for "$WORK/parent.out" READY
-grep -h boot-timer "$WORK/parent.err" >&2 || true
+echo "== fork it into 4 children" >&2
+"${G[@]}" fork "$ID" --count 4 --label demo=child
 
-echo "== fork it: the parent is paused only while the dirty pages are written" >&2
-"$VMM" api --api-sock "$WORK/parent.sock" "{\"cmd\":\"fork\",\"dir\":\"$WORK/fork\"}"
+echo "== list" >&2
+"${G[@]}" ls
 
-echo "== start $N children from the fork; each gets its own identity and writes its own page" >&2
-for i in $(seq 1 "$N"); do
-  "$VMM" restore --snapshot "$WORK/fork" --identity "$i" --serial "$WORK/child$i.out" \
-    2>"$WORK/child$i.err" &
-  PIDS+=($!)
+echo "== each child prints its own identity; the parent only its own" >&2
+for row in $("${G[@]}" ls --json | python3 -c 'import json,sys; [print(s["id"], s["identity"], s["vmm_pid"], sep=":") for s in json.load(sys.stdin)]'); do
+  IFS=: read -r sid ident pid <<<"$row"
+  dir="$($SUDO grep -l "^$pid\$" "$DATA"/vmm/*/pid | head -1 | xargs dirname)"
+  for _ in $(seq 100); do $SUDO grep -q "ID=$ident " "$dir/serial.log" && break; sleep 0.05; done
+  echo "$sid: $($SUDO grep -ao "ID=$ident CHECKSUM=0x[0-9a-f]*" "$dir/serial.log" | head -1)"
 done
-for i in $(seq 1 "$N"); do
-  wait_for "$WORK/child$i.out" "ID=$i "
-  echo "child $i: $(grep -o "ID=$i CHECKSUM=0x[0-9a-f]*" "$WORK/child$i.out" | head -1)"
+
+echo "== delete everything" >&2
+for sid in $("${G[@]}" ls --json | python3 -c 'import json,sys; print(" ".join(s["id"] for s in json.load(sys.stdin)))'); do
+  "${G[@]}" rm "$sid"
 done
-kill -0 "${PIDS[0]}" || { echo "demo: the parent died" >&2; exit 1; }
-if grep -q 'ID=' "$WORK/parent.out"; then
-  echo "demo: a child's write showed up in the parent" >&2
-  exit 1
-fi
-echo "parent : still running, identity 0, none of the children's writes"
-echo "== done: $N children diverged from one running parent" >&2
+"${G[@]}" ls
+"${G[@]}" template rm demo
+echo "== done" >&2

@@ -7,12 +7,16 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
   build-essential pkg-config
-  clang libclang-dev          # bindgen (userfaultfd, devicemapper-sys), BPF programs
+  clang libclang-dev          # bindgen (devicemapper-sys), BPF programs
+  libbpf-dev bpftool          # netd's BPF programs (<bpf/bpf_helpers.h>), inspecting them
   libdevmapper-dev            # devicemapper crate (dm-thin backend)
-  e2fsprogs                   # mkfs.ext4 -d for root images and block-store tests
+  e2fsprogs                   # mkfs.ext4 -d for root images, debugfs for the test host's probe image, block-store tests
   debootstrap cpio zstd xz-utils lz4 busybox-static   # guest images
-  qemu-system-x86             # the guest side under software emulation
+  qemu-system-x86             # the guest side under software emulation; the test host
+  bc flex bison libelf-dev libssl-dev   # scripts/build-kernel.sh (the minimal guest kernel)
   iproute2                    # netns/veth/tap for network tests
+  nftables                    # netd test: a ct rule makes the host namespace track connections (conntrack scrub)
+  python3                     # scripts/demo.sh reads grove --json output
 )
 
 missing=()

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# what: agentd with a Linux template: Register (Debian's kernel, the guest initramfs, a root directory made into an ext4 base layer), Warm (boot to guest-init's ready mark, snapshot with the disk's frozen layer), Create and Fork into 2 through the grove CLI: every VM runs from its own writable disk layer (reads back exactly its own writes after dropping its page cache, fresh entropy per VM), identities distinct; Delete and template rm leave no VMM, layer, snapshot or file
+# timeout: 1500
+. "$GROVE_ROOT/scripts/testhost/lib.sh"
+BIN="$GROVE_ROOT/target/release"
+for b in agentd grove; do [ -x "$BIN/$b" ] || fail "$BIN/$b is missing (scripts/testhost.sh builds it)"; done
+GI="${GUEST_INIT_TARGET_DIR:-$GROVE_ROOT/build/target-guest-init}/x86_64-unknown-linux-gnu/release/guest-init"
+[ -x "$GI" ] || fail "$GI is missing (scripts/build-guest-init.sh builds it)"
+W="$(mktemp -d /tmp/grove-agentd.XXXXXX)"   # tmpfs in the test host: data dir, socket
+DATA="$W/data"
+SOCK="$W/agentd.sock"
+AGENTD_PID=""
+# Cleanup, pass or fail: agentd (by PID), then the VMMs it started (they outlive it by
+# design; found by their pid files and checked to be ours by their command line).
+cleanup() {
+  set +e
+  [ -n "$AGENTD_PID" ] && kill "$AGENTD_PID" 2>/dev/null && wait "$AGENTD_PID" 2>/dev/null
+  for p in "$DATA"/vmm/*/pid; do
+    [ -f "$p" ] || continue
+    pid="$(cat "$p")"
+    grep -qa "$DATA" "/proc/$pid/cmdline" 2>/dev/null && kill -9 "$pid"
+  done
+  cp "$W/agentd.log" "$GROVE_OUT/" 2>/dev/null
+  rm -rf "$W"
+}
+trap cleanup EXIT
+g() { "$BIN/grove" --endpoint "unix:$SOCK" "$@"; }
+jget() { python3 -c 'import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1]))' "$1"; }
+
+# The root disk's contents: busybox, guest-init (PID 1 after the switch to the disk) and the
+# probe. agentd makes the directory an ext4 image (mkfs.ext4 -d) and imports it as a base layer.
+R="$W/rootdir"
+mkdir -p "$R"/{bin,sbin,probe,dev,proc,sys,run,tmp,root,etc}
+cp "$(command -v busybox)" "$R/bin/busybox"
+for a in sh cat echo sleep dd od tr wc cmp awk sed grep mknod mount sync date head tail cut; do
+  ln -s busybox "$R/bin/$a"
+done
+cp "$GI" "$R/sbin/guest-init"
+cp "$GROVE_ROOT/scripts/testhost/guest/lib.sh" "$GROVE_ROOT/scripts/testhost/guest/agentd.sh" "$R/probe/"
+
+"$BIN/agentd" --data-dir "$DATA" --listen "unix:$SOCK" --metrics-listen "" --vmm "$GROVE_VMM" \
+  --pool-size 2 2>"$W/agentd.log" &
+AGENTD_PID=$!
+for _ in $(seq 600); do [ -S "$SOCK" ] && break; sleep 0.1; done
+[ -S "$SOCK" ] || { cat "$W/agentd.log"; fail "agentd did not start"; }
+g node info
+
+# Register + warm.
+CMDLINE="$(GUEST_CMDLINE_EXTRA="root=/dev/vda rw grove.modules=virtio_mmio,virtio_blk,virtio_rng ${GUEST_CMDLINE_EXTRA:-}" guest_cmdline agentd)"
+g template add linux --kernel "$GUEST_KERNEL" --initrd "$GUEST_INITRD" --cmdline "$CMDLINE" \
+  --memory-mib 512 --rootfs-dir "$R" --disk-mib 64 --ready boot-timer --ready-timeout 900 >/dev/null
+base="$(g --json template ls | jget 'd[0]["base_layer"]')"
+[ "$base" -gt 0 ] && [ -s "$DATA/layers/L$base.data" ] || fail "no base layer file for the root disk (layer $base)"
+log "registered: root directory -> base layer $base ($(stat -c %s "$DATA/layers/L$base.data") bytes)"
+t0=$(date +%s)
+g template warm linux 2>"$GROVE_OUT/warm.log" || { cat "$GROVE_OUT/warm.log"; tail -40 "$W/agentd.log"; fail "warm failed"; }
+snap="$(g --json template ls | jget 'd[0]["snapshot"]')"
+[ "$snap" -gt 0 ] || fail "the template has no snapshot after warm"
+[ -s "$DATA/snapshots/$snap/disk-root.idx" ] || fail "the warm snapshot has no frozen disk layer (disk-root.*)"
+log "warm in $(( $(date +%s) - t0 )) s: snapshot $snap, $(ls "$DATA/snapshots/$snap" | tr '\n' ' ')"
+
+# VMM directory of a sandbox (by its pid), its serial log and complete tick lines.
+vdir() {
+  local pid
+  pid="$(g --json get "$1" | jget 'd["vmm_pid"]')"
+  dirname "$(grep -lx "$pid" "$DATA"/vmm/*/pid | head -1)"
+}
+ticks() { tr -d '\r' <"$(vdir "$1")/serial.log" 2>/dev/null | grep -E '^tick n=[0-9]+ v=[0-9a-f]{16} lines=[0-9]+ disk=(ok|FAIL)$' || true; }
+# wait_ticks ID COUNT SECONDS: COUNT tick lines since its restore, none with disk=FAIL.
+wait_ticks() {
+  local end=$(( $(date +%s) + $3 ))
+  while [ "$(ticks "$1" | wc -l)" -lt "$2" ]; do
+    [ "$(g --json get "$1" | jget 'd["state"]')" = running ] || { tail -30 "$(vdir "$1")/serial.log"; fail "$1 is not running"; }
+    [ "$(date +%s)" -lt "$end" ] || { tail -30 "$(vdir "$1")/serial.log"; cat "$(vdir "$1")/vmm.log"; fail "$1: fewer than $2 ticks in $3 s"; }
+    sleep 1
+  done
+  if ticks "$1" | grep -q 'disk=FAIL'; then ticks "$1"; fail "$1: its disk does not read back its own writes"; fi
+}
+last_v() { ticks "$1" | tail -1 | sed 's/.* v=\([0-9a-f]*\) .*/\1/'; }
+
+P="$(g create --template linux --label role=parent)"
+wait_ticks "$P" 3 300
+log "parent $P (identity $(g --json get "$P" | jget 'd["identity"]'), disk attached $(g --json get "$P" | jget 'd["disk_attached"]')): $(ticks "$P" | tail -1)"
+[ "$(g --json get "$P" | jget 'd["disk_attached"]')" = True ] || fail "the parent's disk is not attached"
+
+g --json fork "$P" --count 2 --label role=child >"$GROVE_OUT/fork.json"
+mapfile -t C < <(jget '"\n".join(c["id"] for c in d["children"])' <"$GROVE_OUT/fork.json")
+[ "${#C[@]}" -eq 2 ] || fail "fork gave ${#C[@]} children"
+for id in "$P" "${C[@]}"; do wait_ticks "$id" 6 300; done
+ids="$(for id in "$P" "${C[@]}"; do g --json get "$id" | jget 'd["identity"]'; done | sort -u | wc -l)"
+[ "$ids" -eq 3 ] || fail "identities are not distinct"
+vs="$(for id in "$P" "${C[@]}"; do last_v "$id"; done | sort -u | wc -l)"
+[ "$vs" -eq 3 ] || fail "two VMs read the same entropy: they do not run on their own devices"
+for id in "${C[@]}"; do
+  d="$(vdir "$id")"
+  [ -s "$d/root.idx" ] || fail "$id has no writable disk layer in its VMM directory"
+  log "child $id: identity $(g --json get "$id" | jget 'd["identity"]'), layer $(du -k "$d/root.data" | cut -f1) KiB written, $(ticks "$id" | tail -1)"
+done
+log "parent: $(ticks "$P" | tail -1)"
+g ls
+# Kernel warnings on any VM's console (kept in the output directory).
+for id in "$P" "${C[@]}"; do
+  cp "$(vdir "$id")/serial.log" "$GROVE_OUT/$id.serial"
+  check_warnings "$id"
+done
+
+# Delete all; then nothing is left.
+for id in "${C[@]}" "$P"; do g rm "$id"; done
+[ "$(g --json ls | jget 'len(d)')" -eq 0 ] || fail "sandboxes left after delete"
+g template rm linux
+[ -z "$(ls "$DATA/snapshots")" ] || fail "snapshot files left: $(ls -R "$DATA/snapshots")"
+[ -z "$(ls "$DATA/layers")" ] || fail "layer files left: $(ls "$DATA/layers")"
+[ -z "$(ls "$DATA/templates")" ] || fail "template files left"
+for _ in $(seq 50); do [ -z "$(ls "$DATA/vmm")" ] && break; sleep 0.1; done
+[ -z "$(ls "$DATA/vmm")" ] || fail "VMM directories left: $(ls "$DATA/vmm")"
+left="$(pgrep -f "grove-vmm .*$DATA" || true)"
+[ -z "$left" ] || fail "processes left: $left"
+log PASS
