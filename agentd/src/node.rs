@@ -1904,7 +1904,21 @@ impl Node {
             }
             self.recover_unnamed_vmm(&vid).await;
         }
-        // 4. Snapshot directories nothing names.
+        // 4. VMMs that no pid file names (a spawn cut short by the crash, whose directory
+        //    may be gone by now): found by their command lines and killed.
+        for (pid, vid) in vmm::running_under(&self.layout.vmms()) {
+            if vmm::read_pid(&self.layout, &vid) == Some(pid) {
+                continue;
+            }
+            if let Ok(p) = VmmProc::adopt(&self.layout, &vid, pid) {
+                tracing::warn!(vid, pid, "recovery: killing a VMM without a pid file");
+                p.kill_and_wait().await;
+            }
+            if vmm::read_pid(&self.layout, &vid).is_none() && !named.contains(&vid) {
+                let _ = std::fs::remove_dir_all(self.layout.vmm(&vid));
+            }
+        }
+        // 5. Snapshot directories nothing names.
         self.remove_unnamed_snapshot_files()?;
         self.gc_snapshots();
         let n = lock(&self.sandboxes).len();

@@ -9,6 +9,7 @@
 //! or a closed terminal leaves it running and agentd re-adopts it through its socket.
 
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -242,6 +243,8 @@ impl VmmProc {
         let child = cmd.spawn().map_err(|e| AgentError::io("spawn", vmm_bin, e))?;
         let pid =
             child.id().ok_or_else(|| AgentError::Internal("spawned VMM has no pid".into()))?;
+        // A crash here leaves a VMM with no pid file: recovery finds it by its command line.
+        fail::fail_point!("agentd::vmm::after_spawn");
         let pidfd = rustix::process::pidfd_open(pid_of(pid)?, PidfdFlags::empty())
             .map_err(|e| AgentError::io("pidfd_open", &dir, e.into()))?;
         let pidfile = layout.vmm_pid(vid);
@@ -350,6 +353,39 @@ pub fn last_error_line(log: &Path) -> Option<String> {
 /// Reads a VMM directory's pid file.
 pub fn read_pid(layout: &Layout, vid: &str) -> Option<u32> {
     std::fs::read_to_string(layout.vmm_pid(vid)).ok()?.trim().parse().ok()
+}
+
+/// Live grove-vmm processes with an argument inside `vmms` (the directory of all VMM
+/// directories), each with the VMM directory it names, found by a scan of /proc: a
+/// `kill -9` of agentd between a spawn and its pid file leaves a VMM that only its command
+/// line ties to its directory.
+pub fn running_under(vmms: &Path) -> Vec<(u32, String)> {
+    let want = vmms.as_os_str().as_encoded_bytes();
+    let vid_of = |arg: &[u8]| {
+        let rest = arg.strip_prefix(want)?.strip_prefix(b"/")?;
+        let vid = rest.split(|&b| b == b'/').next().filter(|v| !v.is_empty())?;
+        std::str::from_utf8(vid).ok().map(str::to_string)
+    };
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let mut args = cmd.split(|&b| b == 0);
+        let is_vmm = args
+            .next()
+            .and_then(|a0| Path::new(std::ffi::OsStr::from_bytes(a0)).file_name())
+            .is_some_and(|n| n == "grove-vmm");
+        if !is_vmm || zombie_status(pid).is_some() {
+            continue;
+        }
+        if let Some(vid) = args.find_map(vid_of) {
+            out.push((pid, vid));
+        }
+    }
+    out
 }
 
 /// Whether a process with this pid exists (a zombie counts until reaped).

@@ -233,3 +233,48 @@ async fn kill_in_the_middle_of_a_create_or_a_delete() {
     assert_eq!(get(&mut c, &keep.id).await.state(), pb::SandboxState::Running);
     assert_no_strays(&agent, &mut c).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs --features failpoints")]
+async fn kill_between_a_vmm_spawn_and_its_pid_file_leaves_no_stray() {
+    if !kvm_available() {
+        return;
+    }
+    let mut agent = Agent::start(2, &[]);
+    let mut c = agent.clients().await;
+    warm_test_guest(&mut c, "tg", FORK_CMDLINE, 64).await;
+    wait_until("the standby pool filled", || agent.vmm_pids().len() >= 2).await;
+    agent.kill9();
+    agent.env = vec![("FAILPOINTS".into(), "agentd::vmm::after_spawn=sleep(600000)".into())];
+    agent.spawn();
+    wait_log(&agent, "recovery done").await;
+    let mut c = agent.clients().await;
+    // The create takes a standby VMM; the pool's refill then holds still after its spawn.
+    let keep = c.sandbox.create(create_req("tg")).await.unwrap().into_inner();
+    let data = agent.data();
+    let unrecorded = || {
+        agent
+            .vmm_pids()
+            .into_iter()
+            .filter(|p| {
+                !agent.vmm_dirs().iter().any(|d| {
+                    std::fs::read_to_string(data.join("vmm").join(d).join("pid"))
+                        .is_ok_and(|s| s.trim() == p.to_string())
+                })
+            })
+            .collect::<Vec<u32>>()
+    };
+    wait_until("a VMM spawned without its pid file", || !unrecorded().is_empty()).await;
+    let stray = unrecorded();
+    agent.kill9();
+    agent.env.clear();
+    agent.spawn();
+    wait_log(&agent, "recovery done").await;
+    let mut c = agent.clients().await;
+    for p in &stray {
+        wait_until("the VMM without a pid file killed", || !alive(*p)).await;
+    }
+    assert_eq!(ids(&mut c).await, vec![keep.id.clone()]);
+    assert_eq!(get(&mut c, &keep.id).await.state(), pb::SandboxState::Running);
+    assert_no_strays(&agent, &mut c).await;
+}

@@ -20,11 +20,15 @@ pub const DEADLINE: Duration = Duration::from_secs(120);
 /// Shorter guard for settling checks.
 pub const SETTLE: Duration = Duration::from_secs(30);
 
-/// Whether /dev/kvm is usable; prints the skip reason if not.
+#[path = "../../../testsupport/skip.rs"]
+mod skip;
+
+/// Whether /dev/kvm is usable. If not, the test fails with the reason unless
+/// `GROVE_ALLOW_SKIP` names `kvm` (then it prints the skip and the caller returns).
 pub fn kvm_available() -> bool {
     let ok = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
     if !ok {
-        println!("skipped: /dev/kvm not available");
+        skip::missing("kvm", "/dev/kvm is not available");
     }
     ok
 }
