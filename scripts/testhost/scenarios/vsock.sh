@@ -24,9 +24,10 @@ grep -q '^pty-42' <<<"$pty" || fail "the PTY shell did not run its input: $pty"
 log "PTY session: ok ($(grep -m1 '^/dev/pts' <<<"$pty" | tr -d '\r'))"
 
 # --- a stream kept across a fork of its VM ---------------------------------------------------
-# 600 numbered lines over ~30 s; the parent is forked while they flow.
-N=600
-ctl parent exec sh -c "i=0; while [ \$i -lt $N ]; do echo line-\$i; i=\$((i+1)); busybox usleep 50000; done" \
+# 300 numbered lines, 50 ms apart (~15 s nominal; several minutes when the machine
+# running QEMU is busy, hence the longer limit); the parent is forked while they flow.
+N=300
+CTL_LIMIT=1200 ctl parent exec sh -c "i=0; while [ \$i -lt $N ]; do echo line-\$i; i=\$((i+1)); busybox usleep 50000; done" \
   >"$GROVE_OUT/stream.out" 2>"$GROVE_OUT/stream.err" &
 STREAM=$!
 sleep 5
