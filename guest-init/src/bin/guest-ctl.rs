@@ -168,8 +168,12 @@ fn exec(c: &mut GuestClient, pty: bool, args: &[String]) -> ! {
                 err.write_all(&data).ok();
             }
             ExecEvent::Output { data, .. } => {
-                out.write_all(&data).ok();
-                out.flush().ok();
+                // Whoever reads our stdout is gone: end (closing the connection ends the
+                // exec's stream) instead of draining the guest's output into nothing.
+                if let Err(e) = out.write_all(&data).and_then(|()| out.flush()) {
+                    eprintln!("guest-ctl: stdout: {e}");
+                    std::process::exit(1);
+                }
             }
             ExecEvent::Exit(e) => {
                 out.flush().ok();
