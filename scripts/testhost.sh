@@ -88,10 +88,11 @@ dp="${GUEST_INIT_TARGET_DIR:-$ROOT/build/target-guest-init}/x86_64-unknown-linux
 [ -x "$dp" ] || die "$dp is missing (scripts/build-guest-init.sh builds it)"
 cp "$dp" "$gx/bin/grove-diskprobe"
 chmod -R a+rX "$gx"
-(cd "$gx" && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0 | gzip -1) >"$GUEST_INITRD.extra"
-cat "$BASE_INITRD" "$GUEST_INITRD.extra" >"$GUEST_INITRD.tmp"
-rm -f "$GUEST_INITRD.extra"
-mv "$GUEST_INITRD.tmp" "$GUEST_INITRD"
+# Per-run temporary names and an atomic rename: runs of other scenarios may do this at once.
+(cd "$gx" && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0 | gzip -1) >"$GUEST_INITRD.extra.$$"
+cat "$BASE_INITRD" "$GUEST_INITRD.extra.$$" >"$GUEST_INITRD.tmp.$$"
+rm -f "$GUEST_INITRD.extra.$$"
+mv "$GUEST_INITRD.tmp.$$" "$GUEST_INITRD"
 # A scenario with a "# needs: rootfs" line boots its guests from a virtio-blk root disk:
 # the Debian image with the probes under /probe (scripts/testhost/rootfs.sh).
 GUEST_ROOTFS=""

@@ -106,6 +106,9 @@ age=$(( $(date +%s) - FORK_AT ))
 PROBE='cat /proc/sys/kernel/hostname; busybox touch /tmp/clk; busybox stat -c %y /tmp/clk; busybox head -c16 /dev/urandom | busybox od -An -tx1 | busybox tr -d " \n"; echo'
 probe() { # NAME -> "hostname|guest clock - host clock (s)|16 random bytes (hex)"
   local out h0 h1
+  # A first connection can time out while five guests share the test host's CPUs: one
+  # with retries (guest-ctl says after how long it got through) before the timed one.
+  ctl "$1" --wait 120 exec true || return 1
   h0=$(date +%s.%N)
   out="$(ctl "$1" exec sh -c "$PROBE")" || return 1
   h1=$(date +%s.%N)
@@ -141,7 +144,7 @@ done
 declare -A seen=()
 prnd="${parent_probe##*|}"
 for i in 1 2 3 4; do
-  p="$(probe "c$i")" || { show_vm "c$i"; fail "restore then exec in c$i"; }
+  p="$(probe "c$i")" || vsock_fail "c$i" "restore then exec in c$i"
   log "c$i: $p"
   IFS='|' read -r h skew rnd <<<"$p"
   [ "$h" = "child-$i" ] || fail "c$i hostname '$h'"
@@ -170,7 +173,7 @@ dr=()
 for i in 1 2; do
   for _ in $(seq 1 600); do [ -S "$VS_DIR/d$i.api" ] && break; sleep 0.1; done
   grep -q 'post-restore: {"outcome":"skipped"' "$GROVE_OUT/d$i.err" || fail "d$i: post-restore not skipped"
-  p="$(probe "d$i")" || { show_vm "d$i"; fail "exec in deterministic child d$i"; }
+  p="$(probe "d$i")" || vsock_fail "d$i" "exec in deterministic child d$i"
   log "d$i: $p"
   dr+=("${p##*|}")
 done
