@@ -4,7 +4,7 @@
 //! The guest-agent path end to end: a Linux guest (kernel and initramfs with guest-init,
 //! `$GUEST_KERNEL` / `$GUEST_INITRD` or the flags) under `grove-vmm` with a virtio-vsock
 //! device, driven with grove-proto's client over the VM's vsock socket. Needs a KVM that
-//! boots Linux (the test host: `scripts/testhost.sh bench-exec`). Reports medians and p99s
+//! boots Linux (the test host: `scripts/testhost.sh execbench`). Reports medians and p99s
 //! with the conditions:
 //! - **cold boot → first exec answered**: from just before spawning `grove-vmm run` to the
 //!   answer of the first `true` (connect retried while the guest boots);
