@@ -108,7 +108,7 @@ probe() { # NAME -> "hostname|guest clock - host clock (s)|16 random bytes (hex)
   local out h0 h1
   # A first connection can time out while five guests share the test host's CPUs: one
   # with retries (guest-ctl says after how long it got through) before the timed one.
-  ctl "$1" --wait 120 exec true || return 1
+  ctl "$1" --wait 120 exec busybox true || return 1
   h0=$(date +%s.%N)
   out="$(ctl "$1" exec sh -c "$PROBE")" || return 1
   h1=$(date +%s.%N)
