@@ -353,6 +353,9 @@ pub fn spawn(vcpu: Vcpu, ctx: VcpuContext, start_paused: bool) -> Result<VcpuHan
         .stack_size(256 * 1024)
         .spawn(move || {
             set_timer_slack();
+            // Before the first KVM_RUN: everything the guest triggers on this thread runs
+            // under the vCPU filter.
+            crate::seccomp::install_or_exit(crate::seccomp::Kind::Vcpu);
             if let Some(exit) = run_loop(vcpu, &ctx, &cmds, start_paused) {
                 ctx.exit.request(exit);
             }
