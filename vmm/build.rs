@@ -43,7 +43,7 @@ fn compile(policy: &Value, action: &str) -> Vec<(String, seccompiler::BpfProgram
 
 fn table(out: &mut String, name: &str, filters: &[(String, seccompiler::BpfProgram)]) {
     writeln!(out, "/// Filters whose mismatch action is `{}`.", name.to_lowercase()).unwrap();
-    writeln!(out, "pub(super) const {name}: &[(&str, &[(u16, u8, u8, u32)])] = &[").unwrap();
+    writeln!(out, "pub(super) const {name}: &[super::Filter] = &[").unwrap();
     for (kind, prog) in filters {
         write!(out, "    ({kind:?}, &[").unwrap();
         for i in prog {

@@ -446,7 +446,7 @@ fn restore_memory(
                 prefetch,
                 // The page server takes its filter before it serves a page.
                 thread_start: Some(|| {
-                    crate::seccomp::install_or_exit(crate::seccomp::Kind::PageServer)
+                    crate::seccomp::install_or_exit(crate::seccomp::Kind::PageServer);
                 }),
                 ..Default::default()
             };

@@ -28,6 +28,12 @@
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU8, Ordering};
 
+/// One BPF instruction: (code, jt, jf, k) of a `sock_filter`.
+type Insn = (u16, u8, u8, u32);
+
+/// A thread kind's name and its BPF program.
+type Filter = (&'static str, &'static [Insn]);
+
 /// The filters compiled by build.rs: `TRAP` and `LOG`, each `(kind, BPF instructions)`.
 mod compiled {
     include!(concat!(env!("OUT_DIR"), "/seccomp_filters.rs"));
