@@ -195,6 +195,27 @@ fn full_then_diff_restores_in_both_modes() {
     }
 }
 
+/// `UffdOptions::thread_start` runs on the page-server thread before it serves a page
+/// (grove-vmm installs its seccomp filter there).
+#[test]
+fn thread_start_runs_on_the_page_server_thread_first() {
+    static SEEN: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+    fn record() {
+        let name = std::thread::current().name().map(String::from);
+        *SEEN.lock().unwrap() = name;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (g, paths) = build_chain(dir.path(), 1);
+    if !uffd_available() {
+        return;
+    }
+    let chain = Arc::new(Chain::open(&paths).unwrap());
+    let opts = UffdOptions { thread_start: Some(record), ..UffdOptions::default() };
+    let u = UffdMemory::start(chain, &opts).unwrap();
+    g.assert_same(u.regions());
+    assert_eq!(SEEN.lock().unwrap().as_deref(), Some("grove-pagesrv"));
+}
+
 #[test]
 fn chain_of_depth_twelve_restores_merges_and_opens_by_directory() {
     let dir = tempfile::tempdir().unwrap();
@@ -511,8 +532,11 @@ fn working_set_is_recorded_and_prefetched() {
     let ws = WorkingSet::load(&ws_path).unwrap();
     for prefetch in [Prefetch::BeforeStart(ws.clone()), Prefetch::Background(ws.clone())] {
         let before = matches!(prefetch, Prefetch::BeforeStart(_));
-        let u =
-            UffdMemory::start(chain.clone(), &UffdOptions { prefetch, cluster_pages: 1 }).unwrap();
+        let u = UffdMemory::start(
+            chain.clone(),
+            &UffdOptions { prefetch, cluster_pages: 1, ..UffdOptions::default() },
+        )
+        .unwrap();
         if before {
             let s = u.stats();
             assert_eq!(s.pages_prefetched, touch.len() as u64);
@@ -529,7 +553,11 @@ fn working_set_is_recorded_and_prefetched() {
     let other = WorkingSet { head: LayerId(42), ..ws };
     let e = UffdMemory::start(
         chain,
-        &UffdOptions { prefetch: Prefetch::BeforeStart(other), cluster_pages: 1 },
+        &UffdOptions {
+            prefetch: Prefetch::BeforeStart(other),
+            cluster_pages: 1,
+            ..UffdOptions::default()
+        },
     )
     .unwrap_err();
     assert!(matches!(e, PageServerError::Layer(LayerError::WorkingSetMismatch { .. })), "{e}");

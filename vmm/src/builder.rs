@@ -442,7 +442,14 @@ fn restore_memory(
                 Ok(ws) => Prefetch::BeforeStart(ws),
                 Err(_) => Prefetch::None,
             };
-            let opts = UffdOptions { prefetch, ..Default::default() };
+            let opts = UffdOptions {
+                prefetch,
+                // The page server takes its filter before it serves a page.
+                thread_start: Some(|| {
+                    crate::seccomp::install_or_exit(crate::seccomp::Kind::PageServer);
+                }),
+                ..Default::default()
+            };
             let u = UffdMemory::start(Arc::new(chain), &opts)?;
             let hosts = u.regions().iter().map(|r| (r.as_ptr(), r.len)).collect();
             (hosts, Box::new(u))

@@ -10,6 +10,7 @@ use crate::devices::manager::RestoreOverrides;
 use crate::devices::virtio::block::disk::DiskSpec;
 use crate::devices::virtio::net::NetConfig;
 use crate::devices::virtio::vsock::device::VsockConfig;
+use crate::seccomp::Mode;
 
 /// Usage text.
 pub const USAGE: &str = "usage:
@@ -23,6 +24,9 @@ pub const USAGE: &str = "usage:
                 [--disk-dir DIR] [--net NET] [API LIMITS]
   grove-vmm api --api-sock PATH JSON     (one control request; the reply on stdout)
   grove-vmm check-host [--json]
+run, restore and standby also take --seccomp off|log|kill (default: $GROVE_SECCOMP, else
+  kill): each thread kind's seccomp filter; a forbidden syscall ends the process with one
+  line and status 159 (kill), is only logged by the kernel (log), or nothing is filtered (off).
 API LIMITS: [--api-max-conns N] (default 16) [--api-idle-ms N] (default 600000): control
   connections open at once, and how long one may stay idle before it is closed.
 --rng: a virtio-rng device (virtio-mmio, described in ACPI and on the command line).
@@ -206,6 +210,44 @@ pub fn parse_standby(args: &[String]) -> Result<StandbyArgs, CliError> {
     }
     a.api_sock = sock.ok_or(CliError::Required("--api-sock"))?;
     Ok(a)
+}
+
+/// Takes `--seccomp MODE` (or `--seccomp=MODE`) out of a command's arguments: the mode
+/// (else `$GROVE_SECCOMP`, else `kill`) and the other arguments, in order.
+pub fn take_seccomp(args: &[String]) -> Result<(Mode, Vec<String>), CliError> {
+    let bad = |v: &str, e: crate::seccomp::SeccompError| CliError::BadValue {
+        flag: "--seccomp".into(),
+        value: v.into(),
+        why: e.to_string(),
+    };
+    let mut given: Option<String> = None;
+    let mut rest = Vec::with_capacity(args.len());
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let value = if a == "--seccomp" {
+            it.next().cloned().ok_or_else(|| CliError::MissingValue(a.clone()))?
+        } else if let Some(v) = a.strip_prefix("--seccomp=") {
+            v.to_string()
+        } else {
+            rest.push(a.clone());
+            // A flag's separate value is never taken for a flag.
+            if a.starts_with("--") && !a.contains('=') && !SWITCHES.contains(&a.as_str()) {
+                rest.extend(it.next().cloned());
+            }
+            continue;
+        };
+        if given.replace(value).is_some() {
+            return Err(CliError::Twice("--seccomp".into()));
+        }
+    }
+    let mode = match given {
+        Some(v) => Mode::parse(&v).map_err(|e| bad(&v, e))?,
+        None => match std::env::var(crate::seccomp::MODE_ENV) {
+            Ok(v) if !v.is_empty() => Mode::parse(&v).map_err(|e| bad(&v, e))?,
+            _ => Mode::Kill,
+        },
+    };
+    Ok((mode, rest))
 }
 
 /// Splits `--flag value` / `--flag=value` pairs, rejecting unknown or repeated flags.
@@ -445,6 +487,27 @@ mod tests {
         assert_eq!((a.vm.vcpus, a.vm.mem_mib), (2, 4096));
         assert_eq!(a.vm.serial, "/tmp/x");
         assert!(a.api_sock.is_none());
+    }
+
+    #[test]
+    fn seccomp_flag_is_taken_out() {
+        let (m, rest) =
+            take_seccomp(&s(&["--kernel", "k", "--seccomp", "log", "--rng", "--vcpus=2"])).unwrap();
+        assert_eq!(m, Mode::Log);
+        assert_eq!(rest, s(&["--kernel", "k", "--rng", "--vcpus=2"]));
+        let (m, rest) = take_seccomp(&s(&["--seccomp=off", "--cmdline", "--seccomp"])).unwrap();
+        assert_eq!(m, Mode::Off);
+        // The value of --cmdline stays a value.
+        assert_eq!(rest, s(&["--cmdline", "--seccomp"]));
+        assert!(matches!(
+            take_seccomp(&s(&["--seccomp", "on"])).unwrap_err(),
+            CliError::BadValue { .. }
+        ));
+        assert!(matches!(take_seccomp(&s(&["--seccomp"])).unwrap_err(), CliError::MissingValue(_)));
+        assert!(matches!(
+            take_seccomp(&s(&["--seccomp", "log", "--seccomp=kill"])).unwrap_err(),
+            CliError::Twice(_)
+        ));
     }
 
     #[test]

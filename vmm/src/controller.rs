@@ -70,8 +70,10 @@ fn min_timeout(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
     }
 }
 
-/// Serves the VM until it ends; returns how it ended.
+/// Serves the VM until it ends; returns how it ended. Installs the VMM thread's seccomp
+/// filter first (if [`guest_refresh::run`] did not already): every thread is started by now.
 pub fn serve(vmm: &mut Vmm, api: Option<&ApiHandle>) -> VmExit {
+    crate::seccomp::install_or_exit(crate::seccomp::Kind::Vmm);
     loop {
         let mut timeout = api.and_then(|a| a.expire(vmm.events()));
         if let Some(at) = vmm.working_set_due() {

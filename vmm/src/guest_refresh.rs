@@ -16,7 +16,7 @@ use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber, SubscriberId, SubscriberOps};
 use grove_proto::client::{ClientError, GuestClient};
 use grove_proto::guest::{NetConfig, PostRestore};
 use grove_vmm_api::{GuestAck, GuestOutcome, GuestRefresh, GUEST_REFRESH_TIMEOUT_MS};
@@ -82,65 +82,88 @@ fn tell_guest(
     }
 }
 
-/// Starts the exchange on a helper thread; its result arrives on the receiver, and `wake`
-/// is signalled.
+/// Starts the exchange on a helper thread (which installs the refresh filter first); its
+/// result arrives on the receiver, and `wake` is signalled.
 fn start(
     uds: &Path,
     spec: &GuestRefresh,
     entropy: Vec<u8>,
     deadline: Instant,
     wake: Arc<EventFd>,
-) -> Receiver<Result<(), String>> {
+) -> std::io::Result<Receiver<Result<(), String>>> {
     let (tx, rx) = channel();
     let addr = format!("vsock-uds:{}:{}", uds.display(), grove_proto::GUEST_VSOCK_PORT);
     let spec = spec.clone();
-    std::thread::spawn(move || {
+    std::thread::Builder::new().name("grove-refresh".into()).spawn(move || {
+        crate::seccomp::install_or_exit(crate::seccomp::Kind::Refresh);
         let r = tell_guest(&addr, &spec, &entropy, deadline).map_err(|e| crate::one_line(&e));
         let _ = tx.send(r);
         let _ = wake.write(1);
-    });
-    rx
+    })?;
+    Ok(rx)
 }
 
-/// Refreshes a just-restored guest (see the module doc), turning `vmm`'s event loop until the
-/// guest answers, the deadline passes or the VM ends (its exit stays recorded for the
-/// caller). `spec` is validated by the caller.
-pub fn run(vmm: &mut Vmm, spec: &GuestRefresh) -> GuestAck {
+fn failed(reason: String) -> GuestAck {
+    GuestAck { outcome: GuestOutcome::Failed, reason: Some(reason), ..GuestAck::default() }
+}
+
+/// A started exchange.
+struct Started {
+    t0: Instant,
+    deadline: Instant,
+    reseed: bool,
+    sub: SubscriberId,
+    rx: Receiver<Result<(), String>>,
+}
+
+/// Everything up to the helper thread's start; `Err` is the answer when there is nothing to
+/// wait for.
+fn begin(vmm: &mut Vmm, spec: &GuestRefresh) -> Result<Started, GuestAck> {
     let t0 = Instant::now();
     if !spec.has_work() {
-        return skipped("deterministic fork: the guest keeps the snapshot's clock and RNG state");
+        return Err(skipped(
+            "deterministic fork: the guest keeps the snapshot's clock and RNG state",
+        ));
     }
     let Some(uds) = vmm.devices().vsock_uds() else {
-        return skipped("no vsock device to reach the guest through");
+        return Err(skipped("no vsock device to reach the guest through"));
     };
     let (entropy, reseed) = if spec.deterministic {
         (Vec::new(), false)
     } else {
         match entropy() {
             Ok(e) => (e, true),
-            Err(e) => {
-                return GuestAck {
-                    outcome: GuestOutcome::Failed,
-                    reason: Some(format!("host entropy: {e}")),
-                    ..GuestAck::default()
-                }
-            }
+            Err(e) => return Err(failed(format!("host entropy: {e}"))),
         }
     };
     let timeout = Duration::from_millis(spec.timeout_ms.unwrap_or(GUEST_REFRESH_TIMEOUT_MS));
     let deadline = t0 + timeout;
     let wake = match EventFd::new(libc::EFD_NONBLOCK) {
         Ok(e) => Arc::new(e),
-        Err(e) => {
-            return GuestAck {
-                outcome: GuestOutcome::Failed,
-                reason: Some(format!("eventfd: {e}")),
-                ..GuestAck::default()
-            }
-        }
+        Err(e) => return Err(failed(format!("eventfd: {e}"))),
     };
     let sub = vmm.events().add_subscriber(Arc::new(Mutex::new(Wake(wake.clone()))));
-    let rx = start(&uds, spec, entropy, deadline, wake);
+    match start(&uds, spec, entropy, deadline, wake) {
+        Ok(rx) => Ok(Started { t0, deadline, reseed, sub, rx }),
+        Err(e) => {
+            let _ = vmm.events().remove_subscriber(sub);
+            Err(failed(format!("helper thread: {e}")))
+        }
+    }
+}
+
+/// Refreshes a just-restored guest (see the module doc), turning `vmm`'s event loop until the
+/// guest answers, the deadline passes or the VM ends (its exit stays recorded for the
+/// caller). `spec` is validated by the caller. The VMM thread installs its seccomp filter
+/// here, after the helper thread started and before it dispatches a single event.
+pub fn run(vmm: &mut Vmm, spec: &GuestRefresh) -> GuestAck {
+    let started = begin(vmm, spec);
+    // No thread is started by this one from here on (a filter is inherited by new threads).
+    crate::seccomp::install_or_exit(crate::seccomp::Kind::Vmm);
+    let Started { t0, deadline, reseed, sub, rx } = match started {
+        Ok(s) => s,
+        Err(ack) => return ack,
+    };
     // The helper's reads end at the deadline; a little more for it to report.
     let give_up = deadline + Duration::from_secs(1);
     let result = loop {
@@ -170,11 +193,6 @@ pub fn run(vmm: &mut Vmm, spec: &GuestRefresh) -> GuestAck {
             ms,
             reason: None,
         },
-        Err(reason) => GuestAck {
-            outcome: GuestOutcome::Failed,
-            ms,
-            reason: Some(reason),
-            ..GuestAck::default()
-        },
+        Err(reason) => GuestAck { ms, ..failed(reason) },
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Layers, each importing only the ones above it (no cycle; `tests::no_import_cycles`):
 //! - basics: [`layout`] (addresses), [`timing`], [`persist`] (the `Persist` trait),
-//!   [`exit`] (how a VM ends), [`input`] (opening the files a VMM is handed);
+//!   [`exit`] (how a VM ends), [`input`] (opening the files a VMM is handed), [`seccomp`]
+//!   (the filter of each thread kind);
 //! - guest memory and boot structures: [`memory`], [`cpuid`], [`x86`], [`boot`], [`acpi`];
 //! - KVM: [`vstate`] (the VM and its vCPUs);
 //! - [`devices`]: the bus, legacy devices, virtio over MMIO, the device manager;
@@ -29,6 +30,7 @@ pub mod layout;
 pub mod memory;
 pub mod paths;
 pub mod persist;
+pub mod seccomp;
 pub mod snapshot;
 pub mod state;
 pub mod timing;

@@ -8,7 +8,7 @@ use grove_vmm::api_server::ApiConfig;
 use grove_vmm::builder::{self, RestoreConfig, Standby};
 use grove_vmm::controller::{self, ApiHandle};
 use grove_vmm::vmm::Vmm;
-use grove_vmm::{api_server, cli, guest_refresh, one_line};
+use grove_vmm::{api_server, cli, guest_refresh, one_line, seccomp};
 
 fn fail(msg: &str) -> ExitCode {
     grove_vmm::errln!("grove-vmm: error: {msg}");
@@ -50,8 +50,20 @@ fn serve_with_api(mut vmm: Vmm, sock: Option<&str>, cfg: ApiConfig) -> ExitCode 
     serve(vmm, api.as_ref())
 }
 
+/// Takes `--seccomp` out of `args` and sets the process's seccomp mode (before any thread
+/// starts); the other arguments.
+fn seccomp_mode(args: &[String]) -> Result<Vec<String>, ExitCode> {
+    let (mode, rest) = cli::take_seccomp(args).map_err(|e| fail(&one_line(&e)))?;
+    seccomp::init(mode).map_err(|e| fail(&one_line(&e)))?;
+    Ok(rest)
+}
+
 fn run(args: &[String]) -> ExitCode {
-    let a = match cli::parse_run(args) {
+    let args = match seccomp_mode(args) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    let a = match cli::parse_run(&args) {
         Ok(a) => a,
         Err(e) => return fail(&one_line(&e)),
     };
@@ -63,7 +75,11 @@ fn run(args: &[String]) -> ExitCode {
 }
 
 fn restore(args: &[String]) -> ExitCode {
-    let a = match cli::parse_restore(args) {
+    let args = match seccomp_mode(args) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    let a = match cli::parse_restore(&args) {
         Ok(a) => a,
         Err(e) => return fail(&one_line(&e)),
     };
@@ -98,7 +114,11 @@ fn restore(args: &[String]) -> ExitCode {
 }
 
 fn standby(args: &[String]) -> ExitCode {
-    let a = match cli::parse_standby(args) {
+    let args = match seccomp_mode(args) {
+        Ok(a) => a,
+        Err(code) => return code,
+    };
+    let a = match cli::parse_standby(&args) {
         Ok(a) => a,
         Err(e) => return fail(&one_line(&e)),
     };

@@ -89,11 +89,14 @@ pub struct UffdOptions {
     pub prefetch: Prefetch,
     /// Most pages served per fault (same segment, not yet present). Default 16.
     pub cluster_pages: usize,
+    /// Called first thing on the page-server thread (grove-vmm installs its seccomp filter
+    /// there). Default none.
+    pub thread_start: Option<fn()>,
 }
 
 impl Default for UffdOptions {
     fn default() -> Self {
-        Self { prefetch: Prefetch::None, cluster_pages: 16 }
+        Self { prefetch: Prefetch::None, cluster_pages: 16, thread_start: None }
     }
 }
 
@@ -502,10 +505,14 @@ impl UffdMemory {
             while server.prefetch_step()? {}
         }
         let guard = PanicGuard(shared.clone());
+        let thread_start = opts.thread_start;
         let thread = std::thread::Builder::new()
             .name("grove-pagesrv".into())
             .spawn(move || {
                 let _guard = guard;
+                if let Some(f) = thread_start {
+                    f();
+                }
                 if let Err(e) = server.run() {
                     server.sh.fail(e);
                 }

@@ -353,6 +353,9 @@ pub fn spawn(vcpu: Vcpu, ctx: VcpuContext, start_paused: bool) -> Result<VcpuHan
         .stack_size(256 * 1024)
         .spawn(move || {
             set_timer_slack();
+            // Before the first KVM_RUN: everything the guest triggers on this thread runs
+            // under the vCPU filter.
+            crate::seccomp::install_or_exit(crate::seccomp::Kind::Vcpu);
             if let Some(exit) = run_loop(vcpu, &ctx, &cmds, start_paused) {
                 ctx.exit.request(exit);
             }
@@ -519,6 +522,16 @@ fn run_loop(
     }
     // A command received while idling, served once KVM_RUN is interrupted by its kick.
     let mut kept: Option<VcpuCmd> = None;
+    // A command sent before KVM_RUN_PTR was set had its kick find no kvm_run: the first
+    // KVM_RUN would not return for it (a halted vCPU never would, and a pause would wait
+    // forever). Take it now and make that KVM_RUN return at once. One sent after this point
+    // is kicked normally.
+    if let Ok(cmd) = cmds.try_recv() {
+        kept = Some(cmd);
+        // SAFETY: `run_ptr` is this thread's kvm_run mapping, valid while `vcpu` lives; a
+        // byte store, as the kick handler does.
+        unsafe { std::ptr::write_volatile(&raw mut (*run_ptr).immediate_exit, 1) };
+    }
     loop {
         match step(&mut vcpu, ctx) {
             Step::Continue => {}
@@ -597,6 +610,36 @@ mod tests {
         let mut d = [0u8; 4];
         fill_le(&mut d, IDLE_MAGIC);
         assert_eq!(&d, b"VORG", "\"GROV\" as a little-endian u32");
+    }
+
+    /// A command sent before a vCPU thread set its kick target (its kick found no kvm_run)
+    /// is still served: an AP that never got a SIPI blocks in KVM_RUN for good, so without
+    /// the check at the loop's start this pause would wait forever (seen as a hung snapshot
+    /// right after boot, once the seccomp install widened the window at thread start).
+    #[test]
+    fn a_pause_sent_before_the_thread_runs_is_served() {
+        if !crate::vstate::vm::kvm_ok() {
+            return;
+        }
+        let vm = crate::vstate::vm::Vm::create().unwrap();
+        let (cpuids, _) = vm.vcpu_cpuids(2).unwrap();
+        let _bsp = Vcpu::create(&vm.fd, 0, &cpuids[0]).unwrap();
+        let ap = Vcpu::create(&vm.fd, 1, &cpuids[1]).unwrap();
+        let ctx = VcpuContext {
+            bus: Arc::new(IoBus::new()),
+            ram: Arc::new(GuestRam::new_anonymous(2 << 20).unwrap()),
+            exit: ExitSignal::new().unwrap(),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (ack_tx, ack_rx) = std::sync::mpsc::channel();
+        // Queued before the thread exists, and never kicked.
+        tx.send(VcpuCmd::Pause(ack_tx)).unwrap();
+        let t = std::thread::spawn(move || run_loop(ap, &ctx, &rx, false));
+        // A hang guard, not a timing assertion.
+        ack_rx.recv_timeout(Duration::from_secs(60)).expect("the pause is served");
+        // Paused, it ends when the VMM hangs up.
+        drop(tx);
+        assert!(t.join().unwrap().is_none());
     }
 
     /// A vCPU saved after boot setup, restored into a fresh VM and saved again, comes back

@@ -129,8 +129,19 @@ impl Vmm {
     /// Like [`Vmm::spawn`], with stderr sent to `stderr` (a file, a closed pipe) instead of
     /// being collected when it is not `Stdio::piped()`.
     pub fn spawn_with_stderr(args: &[String], sock: Option<PathBuf>, stderr: Stdio) -> Self {
+        Self::spawn_env(args, sock, stderr, &[])
+    }
+
+    /// Like [`Vmm::spawn_with_stderr`], with extra environment variables.
+    pub fn spawn_env(
+        args: &[String],
+        sock: Option<PathBuf>,
+        stderr: Stdio,
+        env: &[(&str, &str)],
+    ) -> Self {
         let mut child = Command::new(VMM)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -143,6 +154,11 @@ impl Vmm {
             readers.push(collect(e, err.clone()));
         }
         Self { child, out, err, sock, readers }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The exit status once the process has ended (waits up to [`DEADLINE`]).
