@@ -43,13 +43,18 @@ fn pgrp(pid: u32) -> u32 {
     rest.split_whitespace().nth(2).unwrap().parse().unwrap()
 }
 
-/// Waits until agentd's log shows `line`.
-async fn wait_log(agent: &Agent, line: &str) {
+/// Waits until agentd's log (kept across restarts) shows `line` more than `before` times.
+async fn wait_log(agent: &Agent, line: &str, before: usize) {
     let t = Instant::now();
-    while !agent.log_text().contains(line) {
+    while agent.log_text().matches(line).count() <= before {
         assert!(t.elapsed() < DEADLINE, "agentd never logged {line:?}:\n{}", agent.log_text());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// How many times agentd's log shows `line` so far.
+fn logged(agent: &Agent, line: &str) -> usize {
+    agent.log_text().matches(line).count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,10 +125,11 @@ where
 {
     agent.kill9();
     agent.env = vec![("FAILPOINTS".into(), format!("{fp}=sleep(600000)"))];
+    let before = logged(agent, log_line);
     agent.spawn();
     let c = agent.clients().await;
     let task = tokio::spawn(start(c));
-    wait_log(agent, log_line).await;
+    wait_log(agent, log_line, before).await;
     // Let the request reach the failpoint after its log line.
     tokio::time::sleep(Duration::from_millis(300)).await;
     agent.kill9();
@@ -243,14 +249,17 @@ async fn kill_between_a_vmm_spawn_and_its_pid_file_leaves_no_stray() {
     let mut agent = Agent::start(2, &[]);
     let mut c = agent.clients().await;
     warm_test_guest(&mut c, "tg", FORK_CMDLINE, 64).await;
-    wait_until("the standby pool filled", || agent.vmm_pids().len() >= 2).await;
-    agent.kill9();
-    agent.env = vec![("FAILPOINTS".into(), "agentd::vmm::after_spawn=sleep(600000)".into())];
-    agent.spawn();
-    wait_log(&agent, "recovery done").await;
-    let mut c = agent.clients().await;
-    // The create takes a standby VMM; the pool's refill then holds still after its spawn.
     let keep = c.sandbox.create(create_req("tg")).await.unwrap().into_inner();
+    assert_no_strays(&agent, &mut c).await;
+    // Restarted with a larger pool: its refill spawns a VMM, and the first spawn (only the
+    // first: `1*`, so nothing else in agentd waits behind it) holds still before its pid
+    // file is written.
+    agent.kill9();
+    agent.extra = vec!["--pool-size".into(), "3".into()];
+    agent.env = vec![("FAILPOINTS".into(), "agentd::vmm::after_spawn=1*sleep(600000)".into())];
+    let before = logged(&agent, "recovery done");
+    agent.spawn();
+    wait_log(&agent, "recovery done", before).await;
     let data = agent.data();
     let unrecorded = || {
         agent
@@ -267,9 +276,11 @@ async fn kill_between_a_vmm_spawn_and_its_pid_file_leaves_no_stray() {
     wait_until("a VMM spawned without its pid file", || !unrecorded().is_empty()).await;
     let stray = unrecorded();
     agent.kill9();
+    agent.extra = vec!["--pool-size".into(), "2".into()];
     agent.env.clear();
+    let before = logged(&agent, "recovery done");
     agent.spawn();
-    wait_log(&agent, "recovery done").await;
+    wait_log(&agent, "recovery done", before).await;
     let mut c = agent.clients().await;
     for p in &stray {
         wait_until("the VMM without a pid file killed", || !alive(*p)).await;
