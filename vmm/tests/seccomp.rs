@@ -126,6 +126,8 @@ fn assert_killed_by_filter(mut vmm: Vmm, kind: &str) {
 
 #[test]
 fn every_thread_has_exactly_its_filter_and_off_installs_none() {
+    // The VMMs these tests start take their filters from the environment (off by default).
+    std::env::set_var("GROVE_SECCOMP", "kill");
     if !kvm_available() {
         return;
     }
@@ -176,6 +178,8 @@ fn every_thread_has_exactly_its_filter_and_off_installs_none() {
 
 #[test]
 fn a_forbidden_syscall_on_each_thread_kind_ends_the_vmm_with_one_line() {
+    // The VMMs these tests start take their filters from the environment (off by default).
+    std::env::set_var("GROVE_SECCOMP", "kill");
     if !kvm_available() {
         return;
     }
@@ -211,6 +215,8 @@ fn a_forbidden_syscall_on_each_thread_kind_ends_the_vmm_with_one_line() {
 
 #[test]
 fn the_refresh_thread_runs_its_exchange_under_its_filter() {
+    // The VMMs these tests start take their filters from the environment (off by default).
+    std::env::set_var("GROVE_SECCOMP", "kill");
     if !kvm_available() {
         return;
     }
