@@ -280,7 +280,8 @@ impl Conn {
         }
         if self.peer_shut == SHUTDOWN_BOTH {
             // The guest closed: once its last bytes reached the host, it gets its RST (which
-            // ends the close on its side); a host that takes too long loses them.
+            // ends the close on its side); a host that takes nothing for CLOSE_TIMEOUT loses
+            // them.
             if self.buffered_to_host() == 0 {
                 self.pend_rst = true;
             } else if self.state != State::Closing {
@@ -298,6 +299,12 @@ impl Conn {
                 Ok(n) => {
                     self.to_host_off += n;
                     self.fwd_cnt += Wrapping(u32::try_from(n).unwrap_or(u32::MAX));
+                    if self.state == State::Closing {
+                        // A host that keeps reading keeps its bytes: the close deadline
+                        // bounds a stall, not the whole drain (a slow reader of a guest's
+                        // last 256 KiB lost the end of its output before).
+                        self.deadline = Some(now + super::CLOSE_TIMEOUT);
+                    }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => self.host_writable = false,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}

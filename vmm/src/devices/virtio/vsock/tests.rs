@@ -295,6 +295,29 @@ fn host_to_guest_data_stays_within_the_guests_credit() {
     assert_eq!(g.dev.metrics().snapshot().violations, 1);
 }
 
+/// The guest sends on guest port 1024 (to host port `hport`), `sent` bytes already, as far as
+/// its credit allows: until the device holds CONN_BUF the host has not taken. Returns the
+/// bytes sent and the last `fwd_cnt` the device reported.
+fn spend_credit(g: &mut MockGuest, hport: u32, mut sent: u64) -> (u64, u32) {
+    let chunk = vec![7u8; MAX_PAYLOAD as usize];
+    let mut fwd = 0u32;
+    for _ in 0..64 {
+        for (h, _) in g.rx() {
+            if h.dst_port == 1024 {
+                fwd = h.fwd_cnt;
+            }
+        }
+        let credit = u64::from(CONN_BUF) - (sent - u64::from(fwd));
+        if credit == 0 {
+            break;
+        }
+        let n = credit.min(u64::from(MAX_PAYLOAD)) as usize;
+        g.send(to_host(op::RW, 1024, hport), &chunk[..n]);
+        sent += n as u64;
+    }
+    (sent, fwd)
+}
+
 #[test]
 fn a_host_peer_that_never_reads_bounds_the_buffer_and_stalls_only_its_connection() {
     let mut g = MockGuest::new();
@@ -308,22 +331,7 @@ fn a_host_peer_that_never_reads_bounds_the_buffer_and_stalls_only_its_connection
     }
     // Whatever the socket took was credited back; the guest keeps sending only what its
     // credit allows, which stops once the device holds CONN_BUF.
-    let mut sent = u64::from(CONN_BUF);
-    let mut fwd = 0u32;
-    for _ in 0..64 {
-        for (h, _) in g.rx() {
-            if h.op == op::CREDIT_UPDATE && h.dst_port == 1024 {
-                fwd = h.fwd_cnt;
-            }
-        }
-        let credit = u64::from(CONN_BUF) - (sent - u64::from(fwd));
-        if credit == 0 {
-            break;
-        }
-        let n = credit.min(u64::from(MAX_PAYLOAD)) as usize;
-        g.send(to_host(op::RW, 1024, hport), &chunk[..n]);
-        sent += n as u64;
-    }
+    let (sent, fwd) = spend_credit(&mut g, hport, u64::from(CONN_BUF));
     assert_eq!(sent - u64::from(fwd), u64::from(CONN_BUF), "the guest's credit is used up");
     // The other connection is served as usual.
     g.send(to_host(op::RW, 1025, fport), b"still served");
@@ -474,6 +482,63 @@ fn closing_waits_for_the_host_to_take_the_last_bytes() {
     got.extend(read_now(&mut s));
     assert_eq!(got.len(), 4 * MAX_PAYLOAD as usize, "no byte lost");
     assert_eq!(g.dev.backend().connections(), 0);
+}
+
+#[test]
+fn a_closing_connection_stays_while_the_host_keeps_reading() {
+    let mut g = MockGuest::new();
+    let (mut s, hport) = g.host_connect(1024);
+    g.post_rx(16);
+    // The socket full and the device holding its whole buffer (as in the test above).
+    let (sent, fwd) = spend_credit(&mut g, hport, 0);
+    assert_eq!(sent - u64::from(fwd), u64::from(CONN_BUF));
+    let closed_at = std::time::Instant::now();
+    g.send(Header { flags: SHUTDOWN_BOTH, ..to_host(op::SHUTDOWN, 1024, hport) }, &[]);
+    assert!(!g.rx_ops().contains(&op::RST));
+    // The host reads what its socket holds, late: the device moves more bytes, which
+    // restarts the clock. (A unix socket reports writable again only once most of its
+    // buffer is free, so the reader must take that much for the device to see progress.)
+    std::thread::sleep(Duration::from_millis(50));
+    let mut got = read_now(&mut s);
+    g.host_events();
+    assert_eq!(g.dev.backend().connections(), 1, "the device still holds bytes");
+    // Past the first deadline but within one of the last progress: still there.
+    g.dev.backend_mut().expire_at(closed_at + super::CLOSE_TIMEOUT + Duration::from_millis(10));
+    g.dev.serve(Vsock::process_rx);
+    assert!(!g.rx_ops().contains(&op::RST), "a reading host was cut off");
+    assert_eq!(g.dev.metrics().snapshot().timeouts, 0);
+    // The host reads the rest: every byte, then the RST.
+    for _ in 0..100 {
+        got.extend(read_now(&mut s));
+        g.host_events();
+        if g.rx_ops().contains(&op::RST) {
+            break;
+        }
+    }
+    got.extend(read_now(&mut s));
+    assert_eq!(got.len() as u64, sent, "no byte lost");
+    assert_eq!(g.dev.backend().connections(), 0);
+}
+
+#[test]
+fn a_closing_connection_whose_host_stalls_is_reset_at_the_deadline() {
+    let mut g = MockGuest::new();
+    let (s, hport) = g.host_connect(1024);
+    g.post_rx(16);
+    let chunk = vec![6u8; MAX_PAYLOAD as usize];
+    for _ in 0..4 {
+        g.send(to_host(op::RW, 1024, hport), &chunk);
+    }
+    g.send(Header { flags: SHUTDOWN_BOTH, ..to_host(op::SHUTDOWN, 1024, hport) }, &[]);
+    assert!(!g.rx_ops().contains(&op::RST));
+    g.dev
+        .backend_mut()
+        .expire_at(std::time::Instant::now() + super::CLOSE_TIMEOUT + Duration::from_millis(10));
+    g.dev.serve(Vsock::process_rx);
+    g.expect_one(op::RST);
+    assert_eq!(g.dev.metrics().snapshot().timeouts, 1);
+    assert_eq!(g.dev.backend().connections(), 0);
+    drop(s);
 }
 
 #[test]
