@@ -858,6 +858,37 @@ mod tests {
     }
 
     #[test]
+    fn a_slow_reader_gets_all_output_before_the_exit() {
+        // The process leaves 1 MiB in its pipe (enlarged with F_SETPIPE_SZ) and exits at
+        // once; the client then takes ~5 s to read it. The agent must not send ExecExit
+        // before the output, however long the client takes, as long as it keeps reading.
+        let a = Agent::start();
+        let mut c = a.client();
+        let id = c
+            .exec_start(ExecStart {
+                argv: argv(&[
+                    "perl",
+                    "-e",
+                    "fcntl(STDOUT, 1031, 1 << 20) or die \"F_SETPIPE_SZ: $!\"; \
+                     print \"x\" x (1 << 20)",
+                ]),
+                ..Default::default()
+            })
+            .unwrap();
+        let mut got = 0usize;
+        let exit = loop {
+            std::thread::sleep(Duration::from_millis(300));
+            match c.exec_next(id).unwrap() {
+                grove_proto::client::ExecEvent::Output { data, .. } => got += data.len(),
+                grove_proto::client::ExecEvent::Exit(e) => break e,
+                grove_proto::client::ExecEvent::Started(_) => {}
+            }
+        };
+        assert!(matches!(exit.status, Some(exec_exit::Status::Code(0))), "{exit:?}");
+        assert_eq!(got, 1 << 20, "output after the exit was lost to the client");
+    }
+
+    #[test]
     fn files_stream_through_readers_and_writers() {
         let a = Agent::start();
         let mut c = a.client();

@@ -5,8 +5,8 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{channel, sync_channel, RecvTimeoutError, SyncSender};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,8 +20,9 @@ use crate::sys;
 
 /// Output is sent in pieces of at most this size.
 const OUTPUT_CHUNK: usize = 64 * 1024;
-/// After the process exits, how long to wait for its output pipes to drain (a background
-/// grandchild may keep them open).
+/// After the process exits, how long to wait for its output pipes to drain while nothing
+/// moves: a background grandchild may keep them open. Output still on its way to a slow
+/// host (a pump in a send, or one that sent since the last look) extends the wait.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
 /// A running process of a connection.
@@ -121,15 +122,17 @@ pub fn start(conn: &Conn, id: u64, req: ExecStart) -> Result<(), AgentError> {
     let pid = i32::try_from(child.id()).unwrap_or(i32::MAX);
 
     let seq = Arc::new(AtomicU64::new(0));
+    let sending = Arc::new(AtomicUsize::new(0));
     let (done_tx, done_rx) = channel::<()>();
     let mut pumps = 0;
     let mut pump = |src: Box<dyn Read + Send>, stream: Stream| {
         let out = conn.out.clone();
         let seq = Arc::clone(&seq);
+        let sending = Arc::clone(&sending);
         let done = done_tx.clone();
         pumps += 1;
         std::thread::spawn(move || {
-            pump_output(src, stream, id, &out, &seq);
+            pump_output(src, stream, id, &out, &seq, &sending);
             let _ = done.send(());
         });
     };
@@ -190,13 +193,7 @@ pub fn start(conn: &Conn, id: u64, req: ExecStart) -> Result<(), AgentError> {
         };
         let duration = started.elapsed();
         // Let the output drain so every ExecOutput precedes ExecExit.
-        let deadline = Instant::now() + DRAIN_GRACE;
-        for _ in 0..pumps {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if done_rx.recv_timeout(left).is_err() {
-                break;
-            }
-        }
+        wait_drained(&done_rx, pumps, &seq, &sending);
         ops.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&id);
         let mut exit = ExecExit {
             timed_out,
@@ -225,12 +222,35 @@ fn set_pre_exec(cmd: &mut Command, ctty: bool, creds: Option<sys::Creds>) {
     }
 }
 
+/// Waits for `pumps` output pumps to end. Gives up after [`DRAIN_GRACE`] without progress
+/// (no message sent, none in a send): pipes a background process keeps open.
+fn wait_drained(done: &Receiver<()>, pumps: usize, seq: &AtomicU64, sending: &AtomicUsize) {
+    let mut left = pumps;
+    let mut seen = seq.load(Ordering::SeqCst);
+    let mut deadline = Instant::now() + DRAIN_GRACE;
+    while left > 0 {
+        match done.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(()) => left -= 1,
+            Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Timeout) => {
+                let now_seq = seq.load(Ordering::SeqCst);
+                if now_seq == seen && sending.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                seen = now_seq;
+                deadline = Instant::now() + DRAIN_GRACE;
+            }
+        }
+    }
+}
+
 fn pump_output(
     mut src: Box<dyn Read + Send>,
     stream: Stream,
     id: u64,
     out: &super::Out,
     seq: &AtomicU64,
+    sending: &AtomicUsize,
 ) {
     let mut buf = vec![0u8; OUTPUT_CHUNK];
     loop {
@@ -243,7 +263,10 @@ fn pump_output(
                     data: buf[..n].to_vec(),
                     eof: false,
                 };
-                if !out.send(id, response::Body::ExecOutput(msg)) {
+                sending.fetch_add(1, Ordering::SeqCst);
+                let sent = out.send(id, response::Body::ExecOutput(msg));
+                sending.fetch_sub(1, Ordering::SeqCst);
+                if !sent {
                     return;
                 }
             }

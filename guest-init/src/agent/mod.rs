@@ -221,7 +221,15 @@ pub fn serve(ctx: Arc<Ctx>, reader: Box<dyn Read + Send>, writer: Box<dyn Write 
                 }
                 continue;
             }
-            Err(_) => break,
+            Err(FrameError::Closed) => break,
+            Err(e) => {
+                // Not the client's clean close: worth a line on the console, where a host
+                // that saw its connection end can look for the guest's side of it.
+                let why =
+                    std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default();
+                eprintln!("guest-init: agent: connection ended: {e} {why}");
+                break;
+            }
         };
         let req = match frame::decode_request(&payload) {
             Ok(r) => r,
