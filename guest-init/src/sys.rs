@@ -24,7 +24,7 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-/// Writes byte 123 to the Grove boot-timer port 0x440 (CONTRACT.md). Needs CAP_SYS_RAWIO.
+/// Writes byte 123 to the Grove boot-timer port 0x440 (the ports table in docs/vmm.md). Needs CAP_SYS_RAWIO.
 pub fn boot_timer_ready() -> io::Result<()> {
     const PORT: u16 = 0x440;
     // SAFETY: ioperm only changes this thread's I/O permission bitmap.

@@ -16,6 +16,8 @@ use crate::memory::{GuestMemory, GuestRam, RamRegion};
 
 /// Default command line when none is given.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+/// Appended to every command line: asks guest-init for its boot-timer port write (0x440).
+pub const BOOT_TIMER_ARG: &str = "grove.boot_timer=1";
 
 const E820_RAM: u32 = 1;
 const HDRS_MAGIC: u32 = 0x5372_6448; // "HdrS"
