@@ -39,6 +39,17 @@ start_vm() {
   echo "$VM_PID" >"$GROVE_OUT/$name.pid"
 }
 
+# stop_vm NAME: ends NAME's grove-vmm (started by start_vm) and reaps it, so the cleanup
+# list no longer names its PID.
+stop_vm() {
+  local pid p keep=()
+  pid="$(cat "$GROVE_OUT/$1.pid")"
+  kill -9 "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  for p in "${VM_PIDS[@]}"; do [ "$p" = "$pid" ] || keep+=("$p"); done
+  VM_PIDS=("${keep[@]}")
+}
+
 # boot_vm NAME PROBE VCPUS MEM_MIB [grove-vmm run flags...]: start_vm with the guest kernel.
 boot_vm() {
   local name="$1" probe="$2" vcpus="$3" mem="$4"; shift 4

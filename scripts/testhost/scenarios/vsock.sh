@@ -91,11 +91,11 @@ api parent '{"cmd":"status"}' >/dev/null || fail "the control socket stalled"
 log "host peer never reads: other execs still answered ($(ms_since "$t") ms), control socket too"
 kill "$STUCK" 2>/dev/null; wait "$STUCK" 2>/dev/null || true   # guest-ctl then gets EPIPE and ends
 # A flooding guest (20 MB of output as fast as it goes) while another exec runs.
-CTL_LIMIT=300 ctl parent exec busybox head -c 20000000 /dev/zero | wc -c >"$VS_DIR/flood.count" &
+CTL_LIMIT=300 ctl parent exec busybox head -c 20000000 /dev/zero 2>"$VS_DIR/flood.err" | wc -c >"$VS_DIR/flood.count" &
 FLOOD=$!
 sleep 2
 alive="$(CTL_LIMIT=120 ctl parent exec echo alive)" || vsock_fail parent "exec during a flood"
-wait "$FLOOD"
+wait "$FLOOD" || vsock_fail parent "the flooding exec: $(cat "$VS_DIR/flood.err"), $(cat "$VS_DIR/flood.count") bytes"
 [ "$(cat "$VS_DIR/flood.count")" -eq 20000000 ] || fail "flood: $(cat "$VS_DIR/flood.count") bytes"
 log "flood of 20 MB: all delivered, another exec answered meanwhile"
 
@@ -103,7 +103,10 @@ log "flood of 20 MB: all delivered, another exec answered meanwhile"
 # The snapshot must be minutes old when the children start (their clocks would lag as much).
 age=$(( $(date +%s) - FORK_AT ))
 [ "$age" -lt 120 ] && { log "waiting $((120 - age)) s so the snapshot is 2 minutes old"; sleep $((120 - age)); }
-PROBE='cat /proc/sys/kernel/hostname; busybox touch /tmp/clk; busybox stat -c %y /tmp/clk; busybox head -c16 /dev/urandom | busybox od -An -tx1 | busybox tr -d " \n"; echo'
+# The random bytes are read first, by a process that runs alone: each exec draws from the
+# kernel's CRNG (AT_RANDOM), so a pipeline (head | od | tr) let od's and tr's execs race
+# head's read, and deterministic children could read different bytes.
+PROBE='busybox head -c16 /dev/urandom >/tmp/rnd; cat /proc/sys/kernel/hostname; busybox touch /tmp/clk; busybox stat -c %y /tmp/clk; busybox od -An -tx1 /tmp/rnd | busybox tr -d " \n"; echo'
 probe() { # NAME -> "hostname|guest clock - host clock (s)|16 random bytes (hex)"
   local out h0 h1
   # A first connection can time out while five guests share the test host's CPUs: one
@@ -162,24 +165,44 @@ log "4 children: own hostnames, clocks within 1 s of the host's, random bytes un
 # --- deterministic fork ----------------------------------------------------------------------
 # The parent reseeds its RNG right before this fork, so the children (which keep the
 # snapshot's clock base) stay within Linux's 60 s reseed interval and draw from the same
-# CRNG state; without --deterministic they would get fresh entropy as above.
+# CRNG state; without "deterministic" they would get fresh entropy as above.
 # (A valid hostname: the parent has none, the kernel shows "(none)", which guest-init refuses.)
+# Equal bytes need equal draws from the CRNG before the read: the probe reads first, alone
+# (see PROBE). Kernel timers may draw too, so the children should also read at about the same
+# guest time: two standby VMMs restored by concurrent requests and probed at once, one exec
+# each and nothing before it, with the children above stopped so that the test host's CPUs
+# are not shared with four idle guests.
+for i in 1 2 3 4; do stop_vm "c$i"; done
+for i in 1 2; do
+  start_vm "d$i" standby --api-sock "$VS_DIR/d$i.api" --vcpus 1 --mem-mib 512
+done
+for i in 1 2; do
+  for _ in $(seq 1 300); do [ -S "$VS_DIR/d$i.api" ] && break; sleep 0.1; done
+  [ -S "$VS_DIR/d$i.api" ] || { show_vm "d$i"; fail "standby d$i did not start"; }
+done
 ctl parent post-restore parent || fail "parent reseed"
 FORK2="$VS_DIR/fork2"
 api parent "{\"cmd\":\"fork\",\"dir\":\"$FORK2\"}" >/dev/null || fail "second fork"
+pids=()
 for i in 1 2; do
-  start_vm "d$i" restore --snapshot "$FORK2" --vsock-uds "$VS_DIR/d$i.vsock" --api-sock "$VS_DIR/d$i.api" --deterministic
+  api "d$i" "{\"cmd\":\"restore\",\"snapshot\":\"$FORK2\",\"vsock_uds\":\"$VS_DIR/d$i.vsock\",\"guest\":{\"deterministic\":true}}" \
+    >"$VS_DIR/d$i.restore" 2>&1 &
+  pids+=($!)
+done
+for i in 1 2; do
+  wait "${pids[$((i - 1))]}" || { show_vm "d$i"; fail "restore request to d$i: $(cat "$VS_DIR/d$i.restore")"; }
+  grep -q '"outcome":"skipped"' "$VS_DIR/d$i.restore" || fail "d$i: post-restore not skipped: $(cat "$VS_DIR/d$i.restore")"
+done
+pids=()
+for i in 1 2; do
+  ctl "d$i" --wait 120 exec sh -c "$PROBE" >"$VS_DIR/d$i.probe" 2>"$VS_DIR/d$i.probe.err" &
+  pids+=($!)
 done
 dr=()
 for i in 1 2; do
-  for _ in $(seq 1 600); do [ -S "$VS_DIR/d$i.api" ] && break; sleep 0.1; done
-  grep -q 'post-restore: {"outcome":"skipped"' "$GROVE_OUT/d$i.err" || fail "d$i: post-restore not skipped"
-  # One exec, with retries, and nothing before it: the children must draw the same bytes,
-  # so they do the same work before the read, soon after the start (a CRNG reseed mixes in
-  # each child's own interrupt timings; a warm-up exec first made them differ once).
-  p="$(ctl "d$i" --wait 120 exec sh -c "$PROBE")" || vsock_fail "d$i" "exec in deterministic child d$i"
-  log "d$i: $(tr '\n' '|' <<<"$p")"
-  dr+=("$(sed -n 3p <<<"$p")")
+  wait "${pids[$((i - 1))]}" || vsock_fail "d$i" "exec in deterministic child d$i: $(cat "$VS_DIR/d$i.probe.err")"
+  log "d$i: $(tr '\n' '|' <"$VS_DIR/d$i.probe") $(cat "$VS_DIR/d$i.probe.err")"
+  dr+=("$(sed -n 3p "$VS_DIR/d$i.probe")")
 done
 [ "${dr[0]}" = "${dr[1]}" ] || fail "deterministic children read different random bytes: ${dr[0]} ${dr[1]}"
 log "deterministic fork: both children read ${dr[0]}"
