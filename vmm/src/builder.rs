@@ -592,8 +592,10 @@ impl Standby {
             return Err(BuildError::StandbyMode);
         }
         let state = state::read_state(&cfg.dir)?;
+        timing::mark("state read");
         // A snapshot whose writer was killed may have left temporary files beside it.
         crate::snapshot::sweep(&cfg.dir, false);
+        timing::mark("swept");
         check_fingerprint(&state, self.parts.fingerprint)?;
         if state.regions != self.parts.ram.regions() || state.vcpus.len() != self.vcpus() {
             return Err(BuildError::StandbyMismatch {
@@ -613,6 +615,7 @@ impl Standby {
             _ => {}
         }
         let chain = Chain::open(&state.layers)?;
+        timing::mark("layers opened");
         let out = SerialOut::open(&cfg.serial)?;
         Ok(Prepared { state, chain, out })
     }

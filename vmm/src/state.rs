@@ -162,23 +162,199 @@ pub enum StateError {
 /// Most MSRs a vCPU state may hold (a vCPU saves a few dozen).
 pub const MAX_MSRS: usize = 1024;
 
-/// A field saved by kvm-bindings as its bytes: checked to be a JSON array of exactly
-/// `size_of::<T>()` bytes; the bytes returned for range checks.
-fn field_bytes<T>(obj: &serde_json::Value, key: &str, at: &str) -> Result<Vec<u8>, StateError> {
-    let field = || format!("{at}.{key}");
-    let Some(v) = obj.get(key) else {
-        // Missing: the typed decoder names it.
-        return Ok(Vec::new());
+/// A field saved by kvm-bindings as its bytes, as the state file holds it (for the checks):
+/// its bytes, or something that is not an array of bytes.
+#[derive(Debug, Clone, PartialEq)]
+enum RawField {
+    Bytes(Vec<u8>),
+    NotBytes,
+}
+
+/// One element of a [`RawField`] array.
+enum RawElem {
+    Byte(u8),
+    Other,
+}
+
+/// Deserializes anything, consuming it, as "not what was wanted".
+macro_rules! visit_other {
+    ($other:expr) => {
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut m: A,
+        ) -> Result<Self::Value, A::Error> {
+            while m.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}
+            Ok($other)
+        }
     };
-    let arr = v.as_array().ok_or_else(|| StateError::FieldNotBytes { field: field() })?;
-    let expected = std::mem::size_of::<T>();
-    if arr.len() != expected {
-        return Err(StateError::FieldLength { field: field(), len: arr.len(), expected });
+}
+
+impl<'de> Deserialize<'de> for RawElem {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawElem;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a byte")
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<RawElem, E> {
+                Ok(u8::try_from(v).map_or(RawElem::Other, RawElem::Byte))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut s: A,
+            ) -> Result<RawElem, A::Error> {
+                while s.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(RawElem::Other)
+            }
+            visit_other!(RawElem::Other);
+        }
+        d.deserialize_any(V)
     }
-    arr.iter()
-        .map(|b| b.as_u64().and_then(|b| u8::try_from(b).ok()))
-        .collect::<Option<Vec<u8>>>()
-        .ok_or_else(|| StateError::FieldNotBytes { field: field() })
+}
+
+impl<'de> Deserialize<'de> for RawField {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawField;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an array of bytes")
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<RawField, E> {
+                Ok(RawField::NotBytes)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut s: A,
+            ) -> Result<RawField, A::Error> {
+                let mut out = Vec::with_capacity(s.size_hint().unwrap_or(0).min(1 << 16));
+                let mut bytes = true;
+                while let Some(e) = s.next_element::<RawElem>()? {
+                    match e {
+                        RawElem::Byte(b) if bytes => out.push(b),
+                        _ => bytes = false,
+                    }
+                }
+                Ok(if bytes { RawField::Bytes(out) } else { RawField::NotBytes })
+            }
+            visit_other!(RawField::NotBytes);
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Present fields are never `None`: a `null` is "not bytes" (serde would take it for absent).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<RawField>, D::Error> {
+    RawField::deserialize(d).map(Some)
+}
+
+/// The number of elements of an array (0 for anything else).
+struct RawCount(usize);
+
+impl<'de> Deserialize<'de> for RawCount {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawCount;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an array")
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<RawCount, E> {
+                Ok(RawCount(0))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut s: A,
+            ) -> Result<RawCount, A::Error> {
+                let mut n = 0;
+                while s.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                    n += 1;
+                }
+                Ok(RawCount(n))
+            }
+            visit_other!(RawCount(0));
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The fields of a vCPU's state the checks look at (the rest is skipped).
+#[derive(Deserialize)]
+struct RawVcpu {
+    #[serde(default, deserialize_with = "present")]
+    mp_state: Option<RawField>,
+    #[serde(default, deserialize_with = "present")]
+    regs: Option<RawField>,
+    #[serde(default, deserialize_with = "present")]
+    sregs: Option<RawField>,
+    #[serde(default, deserialize_with = "present")]
+    xsave: Option<RawField>,
+    #[serde(default, deserialize_with = "present")]
+    xcrs: Option<RawField>,
+    #[serde(default, deserialize_with = "present")]
+    debugregs: Option<RawField>,
+    #[serde(default, deserialize_with = "present")]
+    lapic: Option<RawField>,
+    #[serde(default, deserialize_with = "present")]
+    events: Option<RawField>,
+    msrs: Option<RawCount>,
+}
+
+/// The fields of the VM's state the checks look at.
+#[derive(Deserialize)]
+struct RawVm {
+    #[serde(default, deserialize_with = "present")]
+    pic_master: Option<RawField>,
+    #[serde(default, deserialize_with = "present")]
+    pic_slave: Option<RawField>,
+    #[serde(default, deserialize_with = "present")]
+    ioapic: Option<RawField>,
+    #[serde(default, deserialize_with = "present")]
+    pit: Option<RawField>,
+    #[serde(default, deserialize_with = "present")]
+    clock: Option<RawField>,
+}
+
+/// What [`check_fields`] reads of a state file: one pass over the text, without building a
+/// JSON tree (which cost more than the typed decode itself on every restore).
+#[derive(Deserialize)]
+struct RawState {
+    #[serde(default)]
+    vcpus: Vec<RawVcpu>,
+    vm: Option<RawVm>,
+}
+
+/// A field checked to be exactly `size_of::<T>()` bytes (absent: empty, the typed decoder
+/// names it); the bytes returned for range checks.
+fn field_bytes<T>(f: Option<&RawField>, field: impl Fn() -> String) -> Result<Vec<u8>, StateError> {
+    match f {
+        None => Ok(Vec::new()),
+        Some(RawField::NotBytes) => Err(StateError::FieldNotBytes { field: field() }),
+        Some(RawField::Bytes(b)) => {
+            let expected = std::mem::size_of::<T>();
+            if b.len() == expected {
+                Ok(b.clone())
+            } else {
+                Err(StateError::FieldLength { field: field(), len: b.len(), expected })
+            }
+        }
+    }
 }
 
 /// Little-endian integer of `n` bytes at `off` of `b` (0 past the end: lengths are checked
@@ -197,34 +373,40 @@ fn range(field: String, value: u64, ok: bool, allowed: &'static str) -> Result<(
 
 /// Checks every field the typed decoder would accept too leniently: the exact length of each
 /// KVM structure saved as bytes, and the ranges KVM does not check itself (or checks by
-/// wedging the guest). Runs on the parsed JSON before the typed decode.
-fn check_fields(v: &serde_json::Value) -> Result<(), StateError> {
+/// wedging the guest). Runs on the payload before the typed decode.
+fn check_fields(payload: &[u8]) -> Result<(), StateError> {
     use kvm_bindings::{
         kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_pit_state2,
         kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
     };
     use std::mem::offset_of;
-    for (i, c) in v.get("vcpus").and_then(|c| c.as_array()).into_iter().flatten().enumerate() {
-        let at = format!("vcpus[{i}]");
-        let mp = field_bytes::<kvm_mp_state>(c, "mp_state", &at)?;
+    let raw: RawState = serde_json::from_slice(payload)
+        .map_err(|source| StateError::Payload { path: "state".into(), source })?;
+    for (i, c) in raw.vcpus.iter().enumerate() {
+        let at = |k: &str| format!("vcpus[{i}].{k}");
+        let mp = field_bytes::<kvm_mp_state>(c.mp_state.as_ref(), || at("mp_state"))?;
         let state = le_at(&mp, 0, 4);
         // RUNNABLE, UNINITIALIZED, INIT_RECEIVED, HALTED, SIPI_RECEIVED.
-        range(format!("{at}.mp_state"), state, state <= 4, "0 to 4")?;
-        field_bytes::<kvm_regs>(c, "regs", &at)?;
-        field_bytes::<kvm_sregs>(c, "sregs", &at)?;
-        field_bytes::<kvm_xsave>(c, "xsave", &at)?;
-        let xcrs = field_bytes::<kvm_xcrs>(c, "xcrs", &at)?;
+        range(at("mp_state"), state, state <= 4, "0 to 4")?;
+        field_bytes::<kvm_regs>(c.regs.as_ref(), || at("regs"))?;
+        field_bytes::<kvm_sregs>(c.sregs.as_ref(), || at("sregs"))?;
+        field_bytes::<kvm_xsave>(c.xsave.as_ref(), || at("xsave"))?;
+        let xcrs = field_bytes::<kvm_xcrs>(c.xcrs.as_ref(), || at("xcrs"))?;
         let n = le_at(&xcrs, offset_of!(kvm_xcrs, nr_xcrs), 4);
-        range(format!("{at}.xcrs.nr_xcrs"), n, n <= 16, "at most KVM_MAX_XCRS (16)")?;
-        field_bytes::<kvm_debugregs>(c, "debugregs", &at)?;
-        field_bytes::<kvm_lapic_state>(c, "lapic", &at)?;
-        field_bytes::<kvm_vcpu_events>(c, "events", &at)?;
-        let msrs = c.get("msrs").and_then(|m| m.as_array()).map_or(0, Vec::len);
-        range(format!("{at}.msrs"), msrs as u64, msrs <= MAX_MSRS, "at most 1024 entries")?;
+        range(at("xcrs.nr_xcrs"), n, n <= 16, "at most KVM_MAX_XCRS (16)")?;
+        field_bytes::<kvm_debugregs>(c.debugregs.as_ref(), || at("debugregs"))?;
+        field_bytes::<kvm_lapic_state>(c.lapic.as_ref(), || at("lapic"))?;
+        field_bytes::<kvm_vcpu_events>(c.events.as_ref(), || at("events"))?;
+        let msrs = c.msrs.as_ref().map_or(0, |m| m.0);
+        range(at("msrs"), msrs as u64, msrs <= MAX_MSRS, "at most 1024 entries")?;
     }
-    let Some(vm) = v.get("vm") else { return Ok(()) };
-    for (id, key) in [(0u64, "pic_master"), (1, "pic_slave"), (2, "ioapic")] {
-        let chip = field_bytes::<kvm_irqchip>(vm, key, "vm")?;
+    let Some(vm) = raw.vm else { return Ok(()) };
+    for (id, key, f) in [
+        (0u64, "pic_master", &vm.pic_master),
+        (1, "pic_slave", &vm.pic_slave),
+        (2, "ioapic", &vm.ioapic),
+    ] {
+        let chip = field_bytes::<kvm_irqchip>(f.as_ref(), || format!("vm.{key}"))?;
         if !chip.is_empty() {
             let got = le_at(&chip, offset_of!(kvm_irqchip, chip_id), 4);
             let allowed = ["chip 0 (PIC master)", "chip 1 (PIC slave)", "chip 2 (IOAPIC)"];
@@ -233,8 +415,8 @@ fn check_fields(v: &serde_json::Value) -> Result<(), StateError> {
         }
     }
     // PIT channel fields are KVM's to check: an unprogrammed channel saves mode 0xff.
-    field_bytes::<kvm_pit_state2>(vm, "pit", "vm")?;
-    field_bytes::<kvm_clock_data>(vm, "clock", "vm")?;
+    field_bytes::<kvm_pit_state2>(vm.pit.as_ref(), || "vm.pit".into())?;
+    field_bytes::<kvm_clock_data>(vm.clock.as_ref(), || "vm.clock".into())?;
     Ok(())
 }
 
@@ -333,11 +515,12 @@ pub fn decode_state(b: &[u8], path: &str) -> Result<SnapshotState, StateError> {
     if stored != computed {
         return Err(StateError::Checksum { path: p(), stored, computed });
     }
-    let v: serde_json::Value = serde_json::from_slice(payload)
+    check_fields(payload).map_err(|e| match e {
+        StateError::Payload { source, .. } => StateError::Payload { path: p(), source },
+        e => e,
+    })?;
+    let s: SnapshotState = serde_json::from_slice(payload)
         .map_err(|source| StateError::Payload { path: p(), source })?;
-    check_fields(&v)?;
-    let s: SnapshotState =
-        serde_json::from_value(v).map_err(|source| StateError::Payload { path: p(), source })?;
     s.validate()?;
     Ok(s)
 }
