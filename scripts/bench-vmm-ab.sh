@@ -4,7 +4,10 @@
 # A B B A A B ... so a drift in the host's load falls on both, and every invocation's JSON is
 # kept. Usage:
 #   scripts/bench-vmm-ab.sh OLD_VMM NEW_VMM OUTDIR [ROUNDS]
-# Environment: GROVE_BENCH (default target/release/grove-bench), GROVE_TESTGUEST (default:
+# Environment: GROVE_BENCH (default target/release/grove-bench), GROVE_BENCH_OLD (the bench
+#   that drives OLD_VMM, default GROVE_BENCH: a VMM from before the typed control API
+#   (a44595f) answers in the old reply shape, which only a grove-bench of its commit reads;
+#   the restore and fork measurements themselves did not change), GROVE_TESTGUEST (default:
 #   scripts/build-testguest.sh), AB_RESTORE_RUNS (10), AB_FORK_RUNS (5), AB_FORK_CHILDREN (1,4,16).
 # Output: OUTDIR/{restore,fork}-{old,new}-N.json and OUTDIR/summary.txt (per row: the median of
 # the per-invocation medians and the largest per-invocation p99, old vs new, new/old).
@@ -13,21 +16,22 @@ cd "$(dirname "$0")/.."
 [ $# -ge 3 ] || { echo "usage: $0 OLD_VMM NEW_VMM OUTDIR [ROUNDS]" >&2; exit 2; }
 old="$(realpath "$1")"; new="$(realpath "$2")"; out="$3"; rounds="${4:-3}"
 bench="${GROVE_BENCH:-target/release/grove-bench}"
-[ -x "$old" ] && [ -x "$new" ] && [ -x "$bench" ] || { echo "missing binary" >&2; exit 2; }
+bench_old="${GROVE_BENCH_OLD:-$bench}"
+[ -x "$old" ] && [ -x "$new" ] && [ -x "$bench" ] && [ -x "$bench_old" ] || { echo "missing binary" >&2; exit 2; }
 export GROVE_TESTGUEST="${GROVE_TESTGUEST:-$(scripts/build-testguest.sh | tail -1)}"
 mkdir -p "$out"
 for i in $(seq 1 "$rounds"); do
   # A B on odd rounds, B A on even ones.
   order="old new"; [ $((i % 2)) -eq 0 ] && order="new old"
   for which in $order; do
-    vmm="$old"; [ "$which" = new ] && vmm="$new"
+    vmm="$old"; b="$bench_old"; [ "$which" = new ] && { vmm="$new"; b="$bench"; }
     echo "round $i: restore, $which (load $(cut -d' ' -f1-3 /proc/loadavg))" >&2
-    GROVE_VMM="$vmm" "$bench" restore --json --runs "${AB_RESTORE_RUNS:-10}" >"$out/restore-$which-$i.json"
+    GROVE_VMM="$vmm" "$b" restore --json --runs "${AB_RESTORE_RUNS:-10}" >"$out/restore-$which-$i.json"
   done
   for which in $order; do
-    vmm="$old"; [ "$which" = new ] && vmm="$new"
+    vmm="$old"; b="$bench_old"; [ "$which" = new ] && { vmm="$new"; b="$bench"; }
     echo "round $i: fork, $which (load $(cut -d' ' -f1-3 /proc/loadavg))" >&2
-    GROVE_VMM="$vmm" "$bench" fork --json --runs "${AB_FORK_RUNS:-5}" \
+    GROVE_VMM="$vmm" "$b" fork --json --runs "${AB_FORK_RUNS:-5}" \
       --children "${AB_FORK_CHILDREN:-1,4,16}" >"$out/fork-$which-$i.json"
   done
 done

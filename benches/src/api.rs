@@ -172,12 +172,18 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let tmp = TempDir::new("api")?;
     let data = tmp.join("data");
     let sock = tmp.join("agentd.sock");
-    let log = std::fs::File::create(tmp.join("agentd.log")).map_err(|e| e.to_string())?;
+    // GROVE_BENCH_AGENTD_LOG=PATH keeps agentd's log there, at debug level (its per-create
+    // steps: restore and catalog commit times); otherwise warnings only, in the temp dir.
+    let (log_path, level) = match std::env::var_os("GROVE_BENCH_AGENTD_LOG") {
+        Some(p) => (PathBuf::from(p), "grove_agentd=debug,warn"),
+        None => (tmp.join("agentd.log"), "warn"),
+    };
+    let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
     let child = Command::new(&agentd)
         .args(["--data-dir", s(&data)?, "--listen", &format!("unix:{}", s(&sock)?)])
         .args(["--metrics-listen", "", "--vmm", s(&vmm)?, "--pool-size", &pool.to_string()])
         .args(["--max-vcpus", "100000", "--max-sandboxes", "100000"])
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", level)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
