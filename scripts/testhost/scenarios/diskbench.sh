@@ -14,7 +14,7 @@ c = r["conditions"]
 print(f"scenario: guest {c['guest_kernel']}, host {c['host_kernel']} ({c['kvm_module']}), image {c['image_mib']} MiB on {c['image_dir_fs']}, {c['random_ops']} random ops, {c['qemu_version']}")
 print(f"scenario: {'test':<15} {'metric':<11} {'grove-vmm':>10} {'qemu':>10} {'ratio':>6}")
 for x in r["comparison"]:
-    print(f"scenario: {x['test']:<15} {x['metric']:<11} {x['grove']:>10.1} {x['qemu']:>10.1} {x['ratio']:>6.2f}")
+    print(f"scenario: {x['test']:<15} {x['metric']:<11} {x['grove']:>10.1f} {x['qemu']:>10.1f} {x['ratio']:>6.2f}")
 print(f"scenario: wall grove-vmm {r['grove']['wall_s']:.1f} s, qemu {r['qemu']['wall_s']:.1f} s")
 PY
 n="$(python3 -c 'import json,sys; print(len(json.load(open(sys.argv[1]))["comparison"]))' "$GROVE_OUT/diskbench.json")"
