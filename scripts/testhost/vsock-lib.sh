@@ -6,9 +6,10 @@ VS_DIR="${VS_DIR:-/tmp/grove-vsock}"
 rm -rf "$VS_DIR"; mkdir -p "$VS_DIR"
 
 # The guest command line: serial console, i8042 reset, virtio-mmio and the vsock transport
-# loaded from the initramfs (guest-init listens on vsock port 1024).
+# loaded from the initramfs (guest-init listens on vsock port 1024); VSOCK_MODULES replaces
+# the module list (e.g. with virtio_blk for a root disk).
 vsock_cmdline() {
-  echo "console=ttyS0 reboot=k panic=-1 grove.modules=virtio_mmio,vmw_vsock_virtio_transport ${GUEST_CMDLINE_EXTRA:-}"
+  echo "console=ttyS0 reboot=k panic=-1 grove.modules=${VSOCK_MODULES:-virtio_mmio,vmw_vsock_virtio_transport} ${GUEST_CMDLINE_EXTRA:-}"
 }
 
 # vsock_boot NAME VCPUS MEM_MIB [grove-vmm run flags...]: a Linux guest with its vsock socket
