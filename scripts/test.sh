@@ -62,6 +62,15 @@ else
       cp "build/testhost-$sc.log" "build/testhost-$sc.died.log"
       echo "testhost $sc: THE TEST HOST DIED ($(( $(date +%s) - t0 )) s; build/testhost-$sc.died.log); running it once more" >&2
       st=0; scripts/testhost.sh "$sc" >"build/testhost-$sc.log" 2>&1 || st=$?
+    elif [ "$st" -ne 0 ] && grep -qs 'guest shut down (triple fault) at rip 0xfff0' "build/testhost/$sc"/*.err; then
+      # A guest under grove-vmm triple-faulted: known, intermittent, not yet diagnosed, and
+      # only seen in the test host (whose own kernel dies in exception entry in the same
+      # scenarios: docs/testing.md). Once more, loudly, the first log kept; a second one
+      # fails the tier. This may hide a grove-vmm bug: it is the first thing to diagnose.
+      cp "build/testhost-$sc.log" "build/testhost-$sc.triplefault.log"
+      echo "testhost $sc: A GUEST TRIPLE-FAULTED ($(( $(date +%s) - t0 )) s; build/testhost-$sc.triplefault.log); running it once more" >&2
+      grep -v '^\[' "build/testhost-$sc.log" | tail -15 >&2
+      st=0; scripts/testhost.sh "$sc" >"build/testhost-$sc.log" 2>&1 || st=$?
     fi
     if [ "$st" -eq 0 ]; then
       th_pass=$((th_pass + 1)); echo "testhost $sc: ok ($(( $(date +%s) - t0 )) s)" >&2
