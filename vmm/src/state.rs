@@ -342,14 +342,14 @@ struct RawState {
 
 /// A field checked to be exactly `size_of::<T>()` bytes (absent: empty, the typed decoder
 /// names it); the bytes returned for range checks.
-fn field_bytes<T>(f: Option<&RawField>, field: impl Fn() -> String) -> Result<Vec<u8>, StateError> {
+fn field_bytes<T>(f: Option<&RawField>, field: impl Fn() -> String) -> Result<&[u8], StateError> {
     match f {
-        None => Ok(Vec::new()),
+        None => Ok(&[]),
         Some(RawField::NotBytes) => Err(StateError::FieldNotBytes { field: field() }),
         Some(RawField::Bytes(b)) => {
             let expected = std::mem::size_of::<T>();
             if b.len() == expected {
-                Ok(b.clone())
+                Ok(b)
             } else {
                 Err(StateError::FieldLength { field: field(), len: b.len(), expected })
             }
@@ -385,14 +385,14 @@ fn check_fields(payload: &[u8]) -> Result<(), StateError> {
     for (i, c) in raw.vcpus.iter().enumerate() {
         let at = |k: &str| format!("vcpus[{i}].{k}");
         let mp = field_bytes::<kvm_mp_state>(c.mp_state.as_ref(), || at("mp_state"))?;
-        let state = le_at(&mp, 0, 4);
+        let state = le_at(mp, 0, 4);
         // RUNNABLE, UNINITIALIZED, INIT_RECEIVED, HALTED, SIPI_RECEIVED.
         range(at("mp_state"), state, state <= 4, "0 to 4")?;
         field_bytes::<kvm_regs>(c.regs.as_ref(), || at("regs"))?;
         field_bytes::<kvm_sregs>(c.sregs.as_ref(), || at("sregs"))?;
         field_bytes::<kvm_xsave>(c.xsave.as_ref(), || at("xsave"))?;
         let xcrs = field_bytes::<kvm_xcrs>(c.xcrs.as_ref(), || at("xcrs"))?;
-        let n = le_at(&xcrs, offset_of!(kvm_xcrs, nr_xcrs), 4);
+        let n = le_at(xcrs, offset_of!(kvm_xcrs, nr_xcrs), 4);
         range(at("xcrs.nr_xcrs"), n, n <= 16, "at most KVM_MAX_XCRS (16)")?;
         field_bytes::<kvm_debugregs>(c.debugregs.as_ref(), || at("debugregs"))?;
         field_bytes::<kvm_lapic_state>(c.lapic.as_ref(), || at("lapic"))?;
@@ -408,7 +408,7 @@ fn check_fields(payload: &[u8]) -> Result<(), StateError> {
     ] {
         let chip = field_bytes::<kvm_irqchip>(f.as_ref(), || format!("vm.{key}"))?;
         if !chip.is_empty() {
-            let got = le_at(&chip, offset_of!(kvm_irqchip, chip_id), 4);
+            let got = le_at(chip, offset_of!(kvm_irqchip, chip_id), 4);
             let allowed = ["chip 0 (PIC master)", "chip 1 (PIC slave)", "chip 2 (IOAPIC)"];
             let allowed = allowed[usize::try_from(id).unwrap_or(0)];
             range(format!("vm.{key}.chip_id"), got, got == id, allowed)?;
