@@ -56,20 +56,24 @@ else
   for sc in ${GROVE_TESTHOST_SCENARIOS:-hello boot fork dmthin devices blk vsock net agentd}; do
     t0=$(date +%s)
     st=0; scripts/testhost.sh "$sc" >"build/testhost-$sc.log" 2>&1 || st=$?
+    # One rerun, loudly, the first log kept, for two failures that are not the scenario's
+    # verdict (docs/testing.md); a second one fails the tier:
+    # - status 75: the test host's own kernel died under QEMU's emulation;
+    # - a guest under grove-vmm triple-faulted: known, intermittent, not yet diagnosed, only
+    #   seen in the test host (whose kernel dies in exception entry in the same scenarios).
+    #   This may hide a grove-vmm bug: it is the first thing to diagnose.
+    what=""
     if [ "$st" -eq 75 ]; then
-      # The test host's own kernel died under QEMU's emulation (not a scenario verdict: see
-      # docs/testing.md): once more, loudly; a second death fails the tier.
-      cp "build/testhost-$sc.log" "build/testhost-$sc.died.log"
-      echo "testhost $sc: THE TEST HOST DIED ($(( $(date +%s) - t0 )) s; build/testhost-$sc.died.log); running it once more" >&2
-      st=0; scripts/testhost.sh "$sc" >"build/testhost-$sc.log" 2>&1 || st=$?
+      what="died"; msg="THE TEST HOST DIED"
     elif [ "$st" -ne 0 ] && grep -qs 'guest shut down (triple fault) at rip 0xfff0' "build/testhost/$sc"/*.err; then
-      # A guest under grove-vmm triple-faulted: known, intermittent, not yet diagnosed, and
-      # only seen in the test host (whose own kernel dies in exception entry in the same
-      # scenarios: docs/testing.md). Once more, loudly, the first log kept; a second one
-      # fails the tier. This may hide a grove-vmm bug: it is the first thing to diagnose.
-      cp "build/testhost-$sc.log" "build/testhost-$sc.triplefault.log"
-      echo "testhost $sc: A GUEST TRIPLE-FAULTED ($(( $(date +%s) - t0 )) s; build/testhost-$sc.triplefault.log); running it once more" >&2
-      grep -v '^\[' "build/testhost-$sc.log" | tail -15 >&2
+      what="triplefault"; msg="A GUEST TRIPLE-FAULTED"
+    fi
+    if [ -n "$what" ]; then
+      cp "build/testhost-$sc.log" "build/testhost-$sc.$what.log"
+      echo "testhost $sc: $msg ($(( $(date +%s) - t0 )) s; build/testhost-$sc.$what.log); running it once more" >&2
+      if [ "$what" = triplefault ]; then
+        { grep -v '^\[' "build/testhost-$sc.log" || true; } | tail -15 >&2
+      fi
       st=0; scripts/testhost.sh "$sc" >"build/testhost-$sc.log" 2>&1 || st=$?
     fi
     if [ "$st" -eq 0 ]; then
