@@ -177,6 +177,7 @@ pub fn serve_standby(
                         layers: Vec::new(),
                         post_restore: None,
                         vsock: None,
+                        virtio: Vec::new(),
                     };
                     api.reply(&mut events, conn, &Ok(Reply::Status(st)));
                     continue;

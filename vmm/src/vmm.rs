@@ -238,6 +238,7 @@ impl Vmm {
             layers: self.layers.clone(),
             post_restore: self.post_restore.clone(),
             vsock: self.devices.vsock_status(),
+            virtio: self.devices.virtio_status(),
         }
     }
 

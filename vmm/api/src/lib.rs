@@ -278,6 +278,41 @@ pub struct VmStatus {
     /// The vsock device, if the VM has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockStatus>,
+    /// Every virtio device's transport and queues, as the VMM sees them now: for a guest that
+    /// waits on a device (a request the device never saw, or a completion whose interrupt the
+    /// guest never took).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub virtio: Vec<VirtioStatus>,
+}
+
+/// A virtio-mmio device in `status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VirtioStatus {
+    /// Device type (`block`, `vsock`, `net`, `rng`).
+    pub kind: String,
+    /// Register page address.
+    pub base: u64,
+    /// Interrupt line.
+    pub gsi: u32,
+    /// The Status register (driver progress bits).
+    pub status: u32,
+    /// InterruptStatus: bits raised and not yet acknowledged by the driver.
+    pub interrupt_status: u32,
+    /// The live queues (empty before the driver activated the device).
+    pub queues: Vec<VirtqueueStatus>,
+}
+
+/// One live virtqueue in `status`: the ring indexes in guest memory beside the device's own.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VirtqueueStatus {
+    /// Size the driver chose.
+    pub size: u16,
+    /// The available ring's index (what the driver has published), if readable.
+    pub avail_idx: Option<u16>,
+    /// Next available entry the device will read: behind `avail_idx`, requests wait.
+    pub next_avail: u16,
+    /// The used ring's index (what the device has completed), if readable.
+    pub used_idx: Option<u16>,
 }
 
 /// The vsock device's state, in `status`.
@@ -757,6 +792,19 @@ mod tests {
                     handshakes: 0,
                     counters: [("rx_packets".to_string(), 5)].into_iter().collect(),
                 }),
+                virtio: vec![VirtioStatus {
+                    kind: "block".into(),
+                    base: 0xd000_0000,
+                    gsi: 5,
+                    status: 15,
+                    interrupt_status: 1,
+                    queues: vec![VirtqueueStatus {
+                        size: 256,
+                        avail_idx: Some(7),
+                        next_avail: 7,
+                        used_idx: None,
+                    }],
+                }],
             })),
             Ok(Reply::State(RunState::Running)),
             Ok(Reply::Snapshot(SnapshotReport {

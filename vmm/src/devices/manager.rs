@@ -493,6 +493,30 @@ impl DeviceManager {
         })
     }
 
+    /// Every virtio device's transport registers and live queues (the `status` reply).
+    pub fn virtio_status(&self) -> Vec<grove_vmm_api::VirtioStatus> {
+        self.virtio
+            .iter()
+            .map(|s| {
+                let (status, interrupt_status, queues) = lock(&s.transport).view();
+                let kind = match &s.handle {
+                    VirtioHandle::Rng(_) => "rng",
+                    VirtioHandle::Block(_) => "block",
+                    VirtioHandle::Vsock(_) => "vsock",
+                    VirtioHandle::Net(_) => "net",
+                };
+                grove_vmm_api::VirtioStatus {
+                    kind: kind.into(),
+                    base: s.base,
+                    gsi: s.gsi,
+                    status,
+                    interrupt_status,
+                    queues,
+                }
+            })
+            .collect()
+    }
+
     /// The vsock device's socket, if the VM has one.
     pub fn vsock_uds(&self) -> Option<PathBuf> {
         self.virtio.iter().find_map(|s| match &s.handle {
@@ -870,6 +894,18 @@ mod tests {
         w(&bus, b + 0x44, 1);
         w(&bus, b + 0x70, ok | status::DRIVER_OK);
         drop(bus);
+        // `status` shows the rings as the guest left them: 3 requests published, none seen.
+        vm_memory::Bytes::write_obj(ram.mem(), 3u16, vm_memory::GuestAddress(MIB + 0x1000 + 2))
+            .unwrap();
+        let st = dm.virtio_status();
+        assert_eq!(st.len(), 2);
+        assert_eq!((st[0].kind.as_str(), st[0].status, st[0].queues.len()), ("rng", 0, 0));
+        assert_eq!(
+            (st[1].base, st[1].gsi, st[1].status),
+            (b, DEVICE_GSI_FIRST + 1, ok | status::DRIVER_OK)
+        );
+        let q = &st[1].queues[0];
+        assert_eq!((q.size, q.avail_idx, q.next_avail, q.used_idx), (16, Some(3), 0, Some(0)));
         lock(dm.ports()).set_generation(7);
         let saved = dm.save().unwrap();
         assert_eq!(saved.len(), 7, "five legacy entries and two virtio ones");

@@ -108,6 +108,24 @@ impl std::fmt::Debug for MmioTransport {
 }
 
 impl MmioTransport {
+    /// What `status` shows of this transport: its Status and InterruptStatus registers and
+    /// the device's live queues with the ring indexes read from guest memory.
+    pub fn view(&self) -> (u32, u32, Vec<grove_vmm_api::VirtqueueStatus>) {
+        use std::sync::atomic::Ordering;
+        let mem = self.mem.mem();
+        let queues = lock(&self.device)
+            .queues()
+            .iter()
+            .map(|q| grove_vmm_api::VirtqueueStatus {
+                size: q.size(),
+                avail_idx: q.avail_idx(mem, Ordering::Acquire).ok().map(|w| w.0),
+                next_avail: q.next_avail(),
+                used_idx: q.used_idx(mem, Ordering::Acquire).ok().map(|w| w.0),
+            })
+            .collect();
+        (self.status, self.interrupt.status(), queues)
+    }
+
     /// A transport for `device`, interrupting through `interrupt`.
     pub fn new(
         device: Arc<Mutex<dyn VirtioDevice>>,
