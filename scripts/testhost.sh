@@ -17,6 +17,7 @@
 #   TESTHOST_TIMEOUT   seconds the scenario may run (default: its "# timeout:" line, else 600)
 #   TESTHOST_CPUS      test host vCPUs (default 2)      TESTHOST_MEM_MIB  (default 6144)
 #   TESTHOST_TCG       multi|single: QEMU's TCG threading (default multi: one host thread per vCPU)
+#   TESTHOST_KVM_AMD   kvm_amd's parameters inside, P=V,P=V (e.g. vgif=0)
 #   GROVE_GUEST_KERNEL cloud (default: Debian's cloud kernel; its CPUs through grove-vmm's ACPI
 #                      MADT) | min (scripts/build-kernel.sh, cached; ~8-25 min once) | a path
 #   GROVE_CACHE        downloads and built images (default /var/cache/grove)
@@ -227,7 +228,7 @@ TCG="${TESTHOST_TCG:-multi}"
 # host's clock then ran ~50x fast and its time limit fired early).
 khz="$(awk -F: '/^cpu MHz/ { printf "%d", $2 * 1000; exit }' /proc/cpuinfo)"
 APPEND="console=ttyS0 panic=-1 loglevel=4 mitigations=off nokaslr tsc=reliable ${khz:+tsc_early_khz=$khz} \
-testhost.timeout=$LIMIT testhost.modules=$MODDIR testhost.root=$ROOT"
+testhost.timeout=$LIMIT testhost.modules=$MODDIR testhost.root=$ROOT${TESTHOST_KVM_AMD:+ testhost.kvm_amd=$TESTHOST_KVM_AMD}"
 LOG="$OUT/console.log"
 : >"$LOG"
 say "$NAME: booting the test host ($kver, tcg thread=$TCG, $CPUS vCPUs, $MEM MiB; limit ${LIMIT} s; prep ${prep_ms} ms)"
