@@ -33,11 +33,19 @@ fn first_words(dir: &Path, gpa: u64, pages: u64) -> Vec<u64> {
         .collect()
 }
 
-/// Busy-mode invariant: counter `n` goes to region page `n % P`. A consistent image has
+/// Busy-mode invariant: counter `n` goes to region page `(n - 1) % P`. A consistent image has
 /// consecutive counters page to page except at most one wrap point (where the round robin
 /// stands), and there the step is `1 - P`. A torn image (pages from different instants)
-/// breaks it.
+/// breaks it. Before its first wrap (a starved guest: its `T`s come by the clock, not by
+/// writes) the image is counters 1..=k, then pages still holding the boot pattern (default
+/// seed): that is one instant of the model too, and a page the dirty log missed inside the
+/// counters still breaks it.
 fn assert_round_robin_consistent(words: &[u64], what: &str) {
+    let k = words.iter().zip(1u64..).take_while(|&(&w, n)| w == n).count();
+    let untouched = |i: usize| pattern(REGION_START + i as u64 * PAGE, 0);
+    if k > 0 && k < words.len() && (k..words.len()).all(|i| words[i] == untouched(i)) {
+        return;
+    }
     let p = words.len() as u64;
     let mut breaks = Vec::new();
     for i in 0..words.len() - 1 {

@@ -180,24 +180,30 @@ fn t_loop(region: &Region, mode: Mode, p: Pacing, mut drivers: Drivers<'_>) -> !
     let mut last = rdtsc();
     loop {
         loop {
+            // Busy mode writes before it looks at the clock: at least one page per `T`, even
+            // when the vCPU was descheduled for a whole period (a loaded host), so every `T`
+            // means progress.
+            if mode == Mode::Busy {
+                if let Some(page) = pages.next(region) {
+                    counter = counter.wrapping_add(1);
+                    region::poke_page(page, counter);
+                }
+            }
             let now = rdtsc();
             // A TSC that went backwards (restore) counts as "due" too.
             if now.wrapping_sub(last) >= period || now < last {
                 last = now;
                 break;
             }
-            if mode == Mode::Busy {
-                if let Some(page) = pages.next(region) {
-                    counter = counter.wrapping_add(1);
-                    region::poke_page(page, counter);
+            if mode != Mode::Busy {
+                if idle_port {
+                    match pace::sleep_us(period - now.wrapping_sub(last), tsc_khz) {
+                        0 => core::hint::spin_loop(),
+                        us => outl(io::IDLE, us),
+                    }
+                } else {
+                    core::hint::spin_loop();
                 }
-            } else if idle_port {
-                match pace::sleep_us(period - now.wrapping_sub(last), tsc_khz) {
-                    0 => core::hint::spin_loop(),
-                    us => outl(io::IDLE, us),
-                }
-            } else {
-                core::hint::spin_loop();
             }
         }
         if mode == Mode::Fork {
