@@ -221,7 +221,7 @@ flock -u 9
 # One vCPU by default: with two, QEMU's emulation of nested SVM now and then hands a guest
 # the test host's own state on a VMRUN (the guest then runs the test host's kvm_amd code:
 # an endless nested page fault loop, a triple fault, or the test host's kernel dying in
-# exception entry). 4 of 13 blk runs with 2 vCPUs hit it, 0 of 15 with one (QEMU 10.0.2,
+# exception entry). 4 of 13 blk runs with 2 vCPUs hit it, 0 of 14 with one (QEMU 10.0.2,
 # 2026-12-02; docs/testing.md). TESTHOST_CPUS=2 runs two, for parallel guests.
 CPUS="${TESTHOST_CPUS:-1}"
 MEM="${TESTHOST_MEM_MIB:-6144}"
