@@ -18,14 +18,14 @@ APT_PACKAGES=(
   python3                     # scripts/demo.sh reads grove --json output
 )
 
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO=sudo
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if ((${#missing[@]})); then
   echo "setup: installing ${missing[*]}" >&2
-  SUDO=""
-  [ "$(id -u)" -eq 0 ] || SUDO=sudo
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
@@ -35,9 +35,8 @@ fi
 # tier is measured with QEMU 10, which on bookworm comes from bookworm-backports (the same
 # source as this kind of machine's qemu-utils). Elsewhere the distribution's own.
 qemu_major() { qemu-system-x86_64 --version 2>/dev/null | sed -n '1s/^QEMU emulator version \([0-9]*\)\..*/\1/p'; }
-if [ "$(qemu_major || true)" = "" ] || [ "$(qemu_major)" -lt 10 ]; then
-  SUDO=""
-  [ "$(id -u)" -eq 0 ] || SUDO=sudo
+qemu="$(qemu_major || true)"
+if [ -z "$qemu" ] || [ "$qemu" -lt 10 ]; then
   target=()
   if grep -qx 'VERSION_CODENAME=bookworm' /etc/os-release; then
     if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then

@@ -61,7 +61,7 @@ else
     # - status 75: the test host's own kernel died under QEMU's emulation;
     # - a guest under grove-vmm triple-faulted. Both were QEMU's nested SVM emulation handing
     #   a guest the test host's own state on a VMRUN (its KVM trace shows the guest at the
-    #   test host's kvm_amd code); seen with a 2-vCPU test host, never in 15 runs with the
+    #   test host's kvm_amd code); seen with a 2-vCPU test host, never in 14 runs with the
     #   1-vCPU default (docs/testing.md). The rule stays as a net, loudly.
     what=""
     if [ "$st" -eq 75 ]; then
