@@ -39,7 +39,7 @@ use crate::persist::Persist;
 use crate::state::{self, SnapshotState, StateError};
 use crate::timing;
 use crate::vmm::{Vmm, VmmError, VmmParts};
-use crate::vstate::vcpu::{Vcpu, VcpuArgs, VcpuError};
+use crate::vstate::vcpu::{prespawn, Vcpu, VcpuArgs, VcpuError, VcpuThread};
 use crate::vstate::vm::{Vm, VmError};
 use crate::x86::{self, X86Error};
 
@@ -267,6 +267,8 @@ struct KvmParts {
     fingerprint: u64,
     vcpus: Vec<Vcpu>,
     serial_irq: EventFd,
+    /// Their threads, started ahead (standby VMMs; empty otherwise).
+    threads: Vec<VcpuThread>,
 }
 
 /// KVM VM, irqchip, PIT, memory slots over `ram`, vCPUs with their CPUID, COM1's irqfd.
@@ -280,7 +282,7 @@ fn kvm_parts(nvcpus: u8, ram: GuestRam, log_dirty: bool) -> Result<KvmParts, Bui
         .collect::<Result<Vec<_>, _>>()?;
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     vm.register_irqfd(&serial_irq, COM1_IRQ)?;
-    Ok(KvmParts { vm, ram: Arc::new(ram), fingerprint, vcpus, serial_irq })
+    Ok(KvmParts { vm, ram: Arc::new(ram), fingerprint, vcpus, serial_irq, threads: Vec::new() })
 }
 
 /// Boots a kernel: builds everything and starts the vCPUs.
@@ -335,6 +337,7 @@ pub fn boot(cfg: &VmConfig, mut events: EventLoop) -> Result<Vmm, BuildError> {
         layers: Vec::new(),
         head: None,
         auto_working_set: None,
+        threads: p.threads,
     };
     Ok(Vmm::start(parts, p.vcpus)?)
 }
@@ -354,7 +357,8 @@ fn load(
     (serial_out, net): (SerialOut, Option<NetHost>),
     auto_working_set: Option<Instant>,
 ) -> Result<Vmm, BuildError> {
-    let vm = Vm::restore(p.vm, &state.vm)?;
+    // The clock is set once, after the TSCs (below).
+    let vm = p.vm.restore_chips(&state.vm)?;
     let mut tsc_loaded = None;
     let vcpus = p
         .vcpus
@@ -414,6 +418,7 @@ fn load(
         layers: state.layers.iter().map(PathBuf::from).collect(),
         head: Some(head),
         auto_working_set,
+        threads: p.threads,
     };
     Ok(Vmm::start(parts, vcpus)?)
 }
@@ -563,8 +568,10 @@ impl Standby {
             .map(|r| crate::memory::Mapping::anonymous(r.size))
             .collect::<Result<Vec<_>, _>>()?;
         let ram = GuestRam::from_mappings(regions, mappings, None)?;
-        let parts = kvm_parts(nvcpus, ram, true)?;
+        let mut parts = kvm_parts(nvcpus, ram, true)?;
+        parts.threads = (0..nvcpus).map(prespawn).collect::<Result<_, _>>()?;
         let net = open_net(net)?;
+        crate::state::warm_up();
         timing::mark("standby ready");
         Ok(Self { parts, disk_dir: None, net })
     }
@@ -587,15 +594,14 @@ impl Standby {
 
     /// Reads and checks the snapshot in `cfg.dir` against this standby VM (vCPU count, RAM,
     /// CPUID) and opens its layers. Nothing is changed: on error the standby VMM stays usable.
+    /// The directory's stale temporary files are the caller's to sweep, once the restore is
+    /// answered (off the restore's path).
     pub fn check(&self, cfg: &RestoreConfig) -> Result<Prepared, BuildError> {
         if cfg.mem_mode != MemMode::Mmap {
             return Err(BuildError::StandbyMode);
         }
         let state = state::read_state(&cfg.dir)?;
         timing::mark("state read");
-        // A snapshot whose writer was killed may have left temporary files beside it.
-        crate::snapshot::sweep(&cfg.dir, false);
-        timing::mark("swept");
         check_fingerprint(&state, self.parts.fingerprint)?;
         if state.regions != self.parts.ram.regions() || state.vcpus.len() != self.vcpus() {
             return Err(BuildError::StandbyMismatch {

@@ -219,6 +219,9 @@ pub fn serve_standby(
                         let answer = p.and_then(|req| handle(&mut vmm, req));
                         api.reply(vmm.events(), conn, &answer);
                     }
+                    // A snapshot whose writer was killed may have left temporary files
+                    // beside it: swept now, after the answer (a cold restore sweeps first).
+                    crate::snapshot::sweep(&cfg.dir, false);
                     Ok(vmm)
                 }
                 // The event loop went with the failed build: the process ends with this error.

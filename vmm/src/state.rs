@@ -4,17 +4,18 @@
 //! Layout, little endian:
 //! ```text
 //! 0   8  magic "GROVEVMS"
-//! 8   4  format version (2)
+//! 8   4  format version (4)
 //! 12  4  flags (0)
 //! 16  8  payload length
 //! 24  4  CRC-32 (IEEE) of the payload
 //! 28  4  zero
 //! 32  .. payload: JSON of [`SnapshotState`]
 //! ```
-//! Version 2 saves one entry per device (`devices`, [`DeviceState`]); version 3 (this one)
-//! also names the memory layers relative to the snapshot directory (version 2 files, with
-//! absolute names, are still read); version 1 saved a fixed struct of the port devices and
-//! is refused with a clear error.
+//! Version 2 saves one entry per device (`devices`, [`DeviceState`]); version 3 also names
+//! the memory layers relative to the snapshot directory (version 2 files, with absolute
+//! names, are still read); version 4 (this one) writes the KVM structures as hex strings
+//! ([`crate::vstate::blob`]; versions 2 and 3 wrote one JSON number per byte, still read);
+//! version 1 saved a fixed struct of the port devices and is refused with a clear error.
 
 use std::path::Path;
 
@@ -28,7 +29,7 @@ use crate::vstate::vm::VmState;
 /// State file magic.
 pub const STATE_MAGIC: &[u8; 8] = b"GROVEVMS";
 /// State file format version.
-pub const STATE_VERSION: u32 = 3;
+pub const STATE_VERSION: u32 = 4;
 /// Oldest format version read. Version 2 named memory layers by absolute path; version 3
 /// names them relative to the snapshot directory (`../12/0000.mlayer`), so a data directory
 /// with its snapshots can move. Both resolve the same way on read: an absolute name stays.
@@ -162,8 +163,8 @@ pub enum StateError {
 /// Most MSRs a vCPU state may hold (a vCPU saves a few dozen).
 pub const MAX_MSRS: usize = 1024;
 
-/// A field saved by kvm-bindings as its bytes, as the state file holds it (for the checks):
-/// its bytes, or something that is not an array of bytes.
+/// A KVM structure as the state file holds it (for the checks): its bytes (from a hex string
+/// or an array of bytes), or something that is neither.
 #[derive(Debug, Clone, PartialEq)]
 enum RawField {
     Bytes(Vec<u8>),
@@ -179,6 +180,12 @@ enum RawElem {
 /// Deserializes anything, consuming it, as "not what was wanted".
 macro_rules! visit_other {
     ($other:expr) => {
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok($other)
+        }
+        visit_other!($other, no_str);
+    };
+    ($other:expr, no_str) => {
         fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
             Ok($other)
         }
@@ -186,9 +193,6 @@ macro_rules! visit_other {
             Ok($other)
         }
         fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-            Ok($other)
-        }
-        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
             Ok($other)
         }
         fn visit_unit<E>(self) -> Result<Self::Value, E> {
@@ -239,6 +243,9 @@ impl<'de> Deserialize<'de> for RawField {
             fn visit_u64<E>(self, _: u64) -> Result<RawField, E> {
                 Ok(RawField::NotBytes)
             }
+            fn visit_str<E>(self, s: &str) -> Result<RawField, E> {
+                Ok(crate::vstate::blob::from_hex(s).map_or(RawField::NotBytes, RawField::Bytes))
+            }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(
                 self,
                 mut s: A,
@@ -253,7 +260,7 @@ impl<'de> Deserialize<'de> for RawField {
                 }
                 Ok(if bytes { RawField::Bytes(out) } else { RawField::NotBytes })
             }
-            visit_other!(RawField::NotBytes);
+            visit_other!(RawField::NotBytes, no_str);
         }
         d.deserialize_any(V)
     }
@@ -371,34 +378,64 @@ fn range(field: String, value: u64, ok: bool, allowed: &'static str) -> Result<(
     }
 }
 
-/// Checks every field the typed decoder would accept too leniently: the exact length of each
-/// KVM structure saved as bytes, and the ranges KVM does not check itself (or checks by
-/// wedging the guest). Runs on the payload before the typed decode.
+/// The ranges KVM does not check itself (or checks by wedging the guest) of vCPU `i`'s
+/// `mp_state` and `xcrs` (their bytes; empty when absent) and its MSR count.
+fn vcpu_ranges(i: usize, mp: &[u8], xcrs: &[u8], msrs: usize) -> Result<(), StateError> {
+    let at = |k: &str| format!("vcpus[{i}].{k}");
+    let state = le_at(mp, 0, 4);
+    // RUNNABLE, UNINITIALIZED, INIT_RECEIVED, HALTED, SIPI_RECEIVED.
+    range(at("mp_state"), state, state <= 4, "0 to 4")?;
+    let n = le_at(xcrs, std::mem::offset_of!(kvm_bindings::kvm_xcrs, nr_xcrs), 4);
+    range(at("xcrs.nr_xcrs"), n, n <= 16, "at most KVM_MAX_XCRS (16)")?;
+    range(at("msrs"), msrs as u64, msrs <= MAX_MSRS, "at most 1024 entries")
+}
+
+/// An interrupt controller saved as `key` holds chip `id` (its bytes; empty when absent).
+fn chip_range(id: u64, key: &str, chip: &[u8]) -> Result<(), StateError> {
+    if chip.is_empty() {
+        return Ok(());
+    }
+    let got = le_at(chip, std::mem::offset_of!(kvm_bindings::kvm_irqchip, chip_id), 4);
+    let allowed = ["chip 0 (PIC master)", "chip 1 (PIC slave)", "chip 2 (IOAPIC)"];
+    let allowed = allowed[usize::try_from(id).unwrap_or(0)];
+    range(format!("vm.{key}.chip_id"), got, got == id, allowed)
+}
+
+/// The ranges of [`vcpu_ranges`] and [`chip_range`] on a decoded state.
+fn check_ranges(s: &SnapshotState) -> Result<(), StateError> {
+    use zerocopy::IntoBytes;
+    for (i, c) in s.vcpus.iter().enumerate() {
+        vcpu_ranges(i, c.mp_state.as_bytes(), c.xcrs.as_bytes(), c.msrs.len())?;
+    }
+    let vm = &s.vm;
+    chip_range(0, "pic_master", vm.pic_master.as_bytes())?;
+    chip_range(1, "pic_slave", vm.pic_slave.as_bytes())?;
+    chip_range(2, "ioapic", vm.ioapic.as_bytes())
+}
+
+/// Names the field a failed typed decode stumbled on: the exact length of each KVM
+/// structure, whether it is bytes at all, and the ranges of [`vcpu_ranges`] and
+/// [`chip_range`]. Runs on the payload only when the typed decode failed (a second pass over
+/// the text), so that the error says which field, not only where in the text.
 fn check_fields(payload: &[u8]) -> Result<(), StateError> {
     use kvm_bindings::{
         kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_pit_state2,
         kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
     };
-    use std::mem::offset_of;
     let raw: RawState = serde_json::from_slice(payload)
         .map_err(|source| StateError::Payload { path: "state".into(), source })?;
     for (i, c) in raw.vcpus.iter().enumerate() {
         let at = |k: &str| format!("vcpus[{i}].{k}");
         let mp = field_bytes::<kvm_mp_state>(c.mp_state.as_ref(), || at("mp_state"))?;
-        let state = le_at(mp, 0, 4);
-        // RUNNABLE, UNINITIALIZED, INIT_RECEIVED, HALTED, SIPI_RECEIVED.
-        range(at("mp_state"), state, state <= 4, "0 to 4")?;
         field_bytes::<kvm_regs>(c.regs.as_ref(), || at("regs"))?;
         field_bytes::<kvm_sregs>(c.sregs.as_ref(), || at("sregs"))?;
         field_bytes::<kvm_xsave>(c.xsave.as_ref(), || at("xsave"))?;
         let xcrs = field_bytes::<kvm_xcrs>(c.xcrs.as_ref(), || at("xcrs"))?;
-        let n = le_at(xcrs, offset_of!(kvm_xcrs, nr_xcrs), 4);
-        range(at("xcrs.nr_xcrs"), n, n <= 16, "at most KVM_MAX_XCRS (16)")?;
         field_bytes::<kvm_debugregs>(c.debugregs.as_ref(), || at("debugregs"))?;
         field_bytes::<kvm_lapic_state>(c.lapic.as_ref(), || at("lapic"))?;
         field_bytes::<kvm_vcpu_events>(c.events.as_ref(), || at("events"))?;
         let msrs = c.msrs.as_ref().map_or(0, |m| m.0);
-        range(at("msrs"), msrs as u64, msrs <= MAX_MSRS, "at most 1024 entries")?;
+        vcpu_ranges(i, mp, xcrs, msrs)?;
     }
     let Some(vm) = raw.vm else { return Ok(()) };
     for (id, key, f) in [
@@ -407,12 +444,7 @@ fn check_fields(payload: &[u8]) -> Result<(), StateError> {
         (2, "ioapic", &vm.ioapic),
     ] {
         let chip = field_bytes::<kvm_irqchip>(f.as_ref(), || format!("vm.{key}"))?;
-        if !chip.is_empty() {
-            let got = le_at(chip, offset_of!(kvm_irqchip, chip_id), 4);
-            let allowed = ["chip 0 (PIC master)", "chip 1 (PIC slave)", "chip 2 (IOAPIC)"];
-            let allowed = allowed[usize::try_from(id).unwrap_or(0)];
-            range(format!("vm.{key}.chip_id"), got, got == id, allowed)?;
-        }
+        chip_range(id, key, chip)?;
     }
     // PIT channel fields are KVM's to check: an unprogrammed channel saves mode 0xff.
     field_bytes::<kvm_pit_state2>(vm.pit.as_ref(), || "vm.pit".into())?;
@@ -515,14 +547,27 @@ pub fn decode_state(b: &[u8], path: &str) -> Result<SnapshotState, StateError> {
     if stored != computed {
         return Err(StateError::Checksum { path: p(), stored, computed });
     }
-    check_fields(payload).map_err(|e| match e {
-        StateError::Payload { source, .. } => StateError::Payload { path: p(), source },
-        e => e,
-    })?;
-    let s: SnapshotState = serde_json::from_slice(payload)
-        .map_err(|source| StateError::Payload { path: p(), source })?;
+    // One pass in the common case; the error of a bad file names its field.
+    let s: SnapshotState = match serde_json::from_slice(payload) {
+        Ok(s) => s,
+        Err(source) => {
+            check_fields(payload).map_err(|e| match e {
+                StateError::Payload { source, .. } => StateError::Payload { path: p(), source },
+                e => e,
+            })?;
+            return Err(StateError::Payload { path: p(), source });
+        }
+    };
+    check_ranges(&s)?;
     s.validate()?;
     Ok(s)
+}
+
+/// Does ahead the one-time work of the first decode: crc32fast picks its implementation
+/// with CPUID on first use, and CPUID exits to the hypervisor (tens of microseconds in a
+/// nested VM). A standby VMM calls this so its restore does not pay it.
+pub fn warm_up() {
+    std::hint::black_box(crc32fast::hash(std::hint::black_box(&[0u8; 64])));
 }
 
 /// Writes the state file into `dir` (temporary name, then rename).
@@ -720,6 +765,42 @@ mod tests {
         assert!(decode_state(&encode_state(&s), "t").is_err());
     }
 
+    /// Sets byte `i` of a KVM structure saved as hex.
+    fn set_byte(f: &mut serde_json::Value, i: usize, b: u8) {
+        let mut bytes = crate::vstate::blob::from_hex(f.as_str().unwrap()).unwrap();
+        bytes[i] = b;
+        *f = crate::vstate::blob::to_hex(&bytes).into();
+    }
+
+    /// A KVM structure saved as hex, as versions 2 and 3 wrote it: an array of numbers.
+    fn as_array(f: &mut serde_json::Value) {
+        let bytes = crate::vstate::blob::from_hex(f.as_str().unwrap()).unwrap();
+        *f = serde_json::to_value(bytes).unwrap();
+    }
+
+    #[test]
+    fn version_3_files_with_byte_arrays_are_read_the_same() {
+        let mut v = serde_json::to_value(sample()).unwrap();
+        let keys = ["mp_state", "regs", "sregs", "xsave", "xcrs", "debugregs", "lapic", "events"];
+        for k in keys {
+            as_array(&mut v["vcpus"][0][k]);
+        }
+        for k in ["pic_master", "pic_slave", "ioapic", "pit", "clock"] {
+            as_array(&mut v["vm"][k]);
+        }
+        let mut b = frame(&serde_json::to_vec(&v).unwrap());
+        b[8..12].copy_from_slice(&3u32.to_le_bytes());
+        let old = decode_state(&b, "t").unwrap();
+        let new = decode_state(&encode_state(&sample()), "t").unwrap();
+        assert_eq!(serde_json::to_value(&old).unwrap(), serde_json::to_value(&new).unwrap());
+        assert_eq!(old.vcpus[0].regs.rip, 0x1234);
+        assert_eq!(old.vm.pic_slave.chip_id, 1);
+        // Version 4 writes hex: the 4 KiB XSAVE area is one string of 8 KiB.
+        let j = serde_json::to_value(&new).unwrap();
+        assert_eq!(j["vcpus"][0]["xsave"].as_str().unwrap().len(), 8192);
+        assert_eq!(&encode_state(&sample())[8..12], &4u32.to_le_bytes());
+    }
+
     /// The payload of `sample()` with `edit` applied, framed with a valid checksum.
     fn edited(edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
         let mut v = serde_json::to_value(sample()).unwrap();
@@ -762,14 +843,38 @@ mod tests {
             }
             let b = edited(|v| {
                 let f = if at == "vcpus" { &mut v["vcpus"][0][key] } else { &mut v["vm"][key] };
-                let n = f.as_array().unwrap().len();
+                let n = f.as_str().unwrap().len() / 2;
                 *f = serde_json::to_value(vec![0u8; n + 1]).unwrap();
             });
             assert!(matches!(decode_state(&b, "t"), Err(StateError::FieldLength { .. })), "{key}");
+            // The same in hex: one byte short, one byte long.
+            for delta in [-2i64, 2] {
+                let b = edited(|v| {
+                    let f = if at == "vcpus" { &mut v["vcpus"][0][key] } else { &mut v["vm"][key] };
+                    let mut h = f.as_str().unwrap().to_string();
+                    if delta < 0 {
+                        h.truncate(h.len() - 2);
+                    } else {
+                        h.push_str("00");
+                    }
+                    *f = h.into();
+                });
+                let e = decode_state(&b, "t").unwrap_err();
+                assert!(matches!(e, StateError::FieldLength { .. }), "{key} {delta}: {e}");
+            }
         }
         let b = edited(|v| v["vcpus"][0]["sregs"] = "hello".into());
         assert!(matches!(decode_state(&b, "t"), Err(StateError::FieldNotBytes { .. })));
-        let b = edited(|v| v["vcpus"][0]["regs"][3] = 300.into());
+        let b = edited(|v| {
+            as_array(&mut v["vcpus"][0]["regs"]);
+            v["vcpus"][0]["regs"][3] = 300.into();
+        });
+        assert!(matches!(decode_state(&b, "t"), Err(StateError::FieldNotBytes { .. })));
+        // Hex with a character that is not a digit, at the right length.
+        let b = edited(|v| {
+            let h = v["vcpus"][0]["regs"].as_str().unwrap().replacen('0', "g", 1);
+            v["vcpus"][0]["regs"] = h.into();
+        });
         assert!(matches!(decode_state(&b, "t"), Err(StateError::FieldNotBytes { .. })));
     }
 
@@ -779,12 +884,18 @@ mod tests {
             Err(StateError::FieldRange { field, .. }) => field,
             other => panic!("{other:?}"),
         };
-        let b = edited(|v| v["vcpus"][0]["mp_state"][0] = 9.into());
+        let b = edited(|v| set_byte(&mut v["vcpus"][0]["mp_state"], 0, 9));
         assert_eq!(field_of(&b), "vcpus[0].mp_state");
-        let b = edited(|v| v["vcpus"][0]["xcrs"][0] = 17.into());
+        let b = edited(|v| set_byte(&mut v["vcpus"][0]["xcrs"], 0, 17));
         assert_eq!(field_of(&b), "vcpus[0].xcrs.nr_xcrs");
-        let b = edited(|v| v["vm"]["pic_slave"][0] = 0.into());
+        let b = edited(|v| set_byte(&mut v["vm"]["pic_slave"], 0, 0));
         assert_eq!(field_of(&b), "vm.pic_slave.chip_id");
+        // The same in the array form of versions 2 and 3.
+        let b = edited(|v| {
+            as_array(&mut v["vm"]["ioapic"]);
+            v["vm"]["ioapic"][0] = 1.into();
+        });
+        assert_eq!(field_of(&b), "vm.ioapic.chip_id");
         let b = edited(|v| {
             v["vcpus"][0]["msrs"] = serde_json::to_value(vec![(1u32, 0u64); MAX_MSRS + 1]).unwrap();
         });

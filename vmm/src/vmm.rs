@@ -70,6 +70,9 @@ pub struct VmmParts {
     pub head: Option<LayerInfo>,
     /// uffd restores without a working set: when to save the first-touch order.
     pub auto_working_set: Option<Instant>,
+    /// vCPU threads started ahead (a standby VMM's), in vCPU order; the vCPUs without one
+    /// get a thread at start.
+    pub threads: Vec<vcpu::VcpuThread>,
 }
 
 /// A running VM.
@@ -106,8 +109,13 @@ impl Vmm {
         vcpu::install_kick_handler()?;
         let ctx = VcpuContext { bus: p.devices.bus(), ram: p.ram.clone(), exit: p.exit.clone() };
         let mut handles = Vec::with_capacity(vcpus.len());
+        let mut threads = p.threads.into_iter().peekable();
         for v in vcpus {
-            handles.push(vcpu::spawn(v, ctx.clone(), false)?);
+            let t = match threads.next_if(|t| t.index() == v.index) {
+                Some(t) => t,
+                None => vcpu::prespawn(v.index)?,
+            };
+            handles.push(t.start(v, ctx.clone(), false)?);
         }
         Ok(Self {
             vm: p.vm,

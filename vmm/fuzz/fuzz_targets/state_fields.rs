@@ -1,5 +1,6 @@
 //! State files that pass the checksum: a valid state whose fields the fuzzer rewrites (a
-//! byte image of another length, a byte changed, a number, a string, a field removed), then
+//! byte image of another length, a byte changed, a number, a string, a field removed; hex or
+//! the array form of older versions), then
 //! framed again with a correct checksum, so the decoder is tested beyond the checksum. Any
 //! such file gives a state or a clear error, never a panic; and a state the decoder accepts
 //! holds every KVM structure at its exact size (nothing was zero-padded or cut).
@@ -8,6 +9,7 @@ use grove_vmm::devices::legacy::ports::PortsState;
 use grove_vmm::devices::legacy::serial::SerialState;
 use grove_vmm::devices::manager::DeviceState;
 use grove_vmm::state::{decode_state, frame, SnapshotState};
+use grove_vmm::vstate::blob::from_hex;
 use grove_vmm::vstate::vcpu::VcpuState;
 use grove_vmm::vstate::vm::VmState;
 use kvm_bindings::{
@@ -92,7 +94,12 @@ fn byte_images(v: &Value) -> Vec<Option<usize>> {
         .filter(|p| p[p.len() - 1] != "msrs")
         .map(|p| {
             let mut v = v.clone();
-            at(&mut v, p).and_then(|f| f.as_array().map(Vec::len))
+            at(&mut v, p).and_then(|f| match f {
+                Value::Array(a) => Some(a.len()),
+                // Version 4 writes hex; what is not hex stays unknown.
+                Value::String(s) => from_hex(s).map(|b| b.len()),
+                _ => None,
+            })
         })
         .collect()
 }
@@ -115,7 +122,13 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
             1 => {
-                // One element changed (a byte, or any number).
+                // One element changed (a byte, or any number); a hex image becomes the
+                // array form (versions 2 and 3) first.
+                if let Some(x) = at(&mut v, path) {
+                    if let Some(b) = x.as_str().and_then(from_hex) {
+                        *x = serde_json::to_value(b).expect("bytes");
+                    }
+                }
                 if let Some(Value::Array(a)) = at(&mut v, path) {
                     if !a.is_empty() {
                         let i = len % a.len();

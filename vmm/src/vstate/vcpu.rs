@@ -162,22 +162,30 @@ impl Vcpu {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct VcpuState {
     /// MP state (runnable, halted, waiting for SIPI).
+    #[serde(with = "super::blob")]
     pub mp_state: kvm_mp_state,
     /// General registers.
+    #[serde(with = "super::blob")]
     pub regs: kvm_regs,
     /// Segment and control registers.
+    #[serde(with = "super::blob")]
     pub sregs: kvm_sregs,
     /// FPU/SSE/AVX state (legacy 4 KiB XSAVE area).
+    #[serde(with = "super::blob")]
     pub xsave: kvm_xsave,
     /// XCR0.
+    #[serde(with = "super::blob")]
     pub xcrs: kvm_xcrs,
     /// Debug registers.
+    #[serde(with = "super::blob")]
     pub debugregs: kvm_debugregs,
     /// Local APIC registers.
+    #[serde(with = "super::blob")]
     pub lapic: kvm_lapic_state,
     /// MSRs (index, value), TSC and kvmclock included.
     pub msrs: Vec<(u32, u64)>,
     /// Pending exceptions, interrupts, NMIs, SMIs.
+    #[serde(with = "super::blob")]
     pub events: kvm_vcpu_events,
 }
 
@@ -343,11 +351,25 @@ pub struct VcpuContext {
     pub exit: Arc<ExitSignal>,
 }
 
-/// Spawns the thread that runs `vcpu`; it waits for [`VcpuCmd::Resume`] first if
-/// `start_paused`.
-pub fn spawn(vcpu: Vcpu, ctx: VcpuContext, start_paused: bool) -> Result<VcpuHandle, VcpuError> {
-    let index = vcpu.index;
+/// What a [`VcpuThread`] is started with: the vCPU, what every vCPU thread shares, and
+/// whether to wait for [`VcpuCmd::Resume`] first.
+type Launch = (Vcpu, VcpuContext, bool);
+
+/// The thread of vCPU `index`, started before its vCPU is ready to run: it has its timer
+/// slack and its seccomp filter and waits for [`VcpuThread::start`]. A standby VMM starts them
+/// ahead, so that a restore pays neither the thread's creation nor the filter's load.
+/// Dropped unstarted, the thread ends.
+pub struct VcpuThread {
+    index: u8,
+    cmds: Sender<VcpuCmd>,
+    go: Sender<Launch>,
+    thread: JoinHandle<()>,
+}
+
+/// Starts the thread of vCPU `index` (see [`VcpuThread`]).
+pub fn prespawn(index: u8) -> Result<VcpuThread, VcpuError> {
     let (cmd_tx, cmds) = std::sync::mpsc::channel();
+    let (go, launch) = std::sync::mpsc::channel::<Launch>();
     let thread = std::thread::Builder::new()
         .name(format!("vcpu{index}"))
         .stack_size(256 * 1024)
@@ -356,12 +378,42 @@ pub fn spawn(vcpu: Vcpu, ctx: VcpuContext, start_paused: bool) -> Result<VcpuHan
             // Before the first KVM_RUN: everything the guest triggers on this thread runs
             // under the vCPU filter.
             crate::seccomp::install_or_exit(crate::seccomp::Kind::Vcpu);
+            let Ok((vcpu, ctx, start_paused)) = launch.recv() else { return };
             if let Some(exit) = run_loop(vcpu, &ctx, &cmds, start_paused) {
                 ctx.exit.request(exit);
             }
         })
         .map_err(VcpuError::Spawn)?;
-    Ok(VcpuHandle { index, cmds: cmd_tx, thread })
+    Ok(VcpuThread { index, cmds: cmd_tx, go, thread })
+}
+
+impl VcpuThread {
+    /// The vCPU index this thread was started for.
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    /// Runs `vcpu` (of this thread's index) on the thread.
+    pub fn start(
+        self,
+        vcpu: Vcpu,
+        ctx: VcpuContext,
+        start_paused: bool,
+    ) -> Result<VcpuHandle, VcpuError> {
+        let index = self.index;
+        if vcpu.index != index {
+            return Err(VcpuError::Gone(vcpu.index));
+        }
+        // Fails only if the thread ended (its filter could not be installed).
+        self.go.send((vcpu, ctx, start_paused)).map_err(|_| VcpuError::Gone(index))?;
+        Ok(VcpuHandle { index, cmds: self.cmds, thread: self.thread })
+    }
+}
+
+/// Spawns the thread that runs `vcpu`; it waits for [`VcpuCmd::Resume`] first if
+/// `start_paused`.
+pub fn spawn(vcpu: Vcpu, ctx: VcpuContext, start_paused: bool) -> Result<VcpuHandle, VcpuError> {
+    prespawn(vcpu.index)?.start(vcpu, ctx, start_paused)
 }
 
 /// Timer slack of vCPU threads (ns): an idle sleep of 40 us must not become 90 us (the default

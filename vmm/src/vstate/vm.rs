@@ -151,14 +151,19 @@ impl Vm {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VmState {
     /// PIC master.
+    #[serde(with = "super::blob")]
     pub pic_master: kvm_irqchip,
     /// PIC slave.
+    #[serde(with = "super::blob")]
     pub pic_slave: kvm_irqchip,
     /// IOAPIC.
+    #[serde(with = "super::blob")]
     pub ioapic: kvm_irqchip,
     /// PIT.
+    #[serde(with = "super::blob")]
     pub pit: kvm_pit_state2,
     /// kvmclock.
+    #[serde(with = "super::blob")]
     pub clock: kvm_clock_data,
 }
 
@@ -189,16 +194,23 @@ impl Persist for Vm {
     }
 
     fn restore(vm: Vm, s: &VmState) -> Result<Vm, VmError> {
-        for c in [&s.pic_master, &s.pic_slave, &s.ioapic] {
-            vm.fd.set_irqchip(c).map_err(kvm_err("KVM_SET_IRQCHIP"))?;
-        }
-        vm.fd.set_pit2(&s.pit).map_err(kvm_err("KVM_SET_PIT2"))?;
+        let vm = vm.restore_chips(s)?;
         vm.fd.set_clock(&s.clock).map_err(kvm_err("KVM_SET_CLOCK"))?;
         Ok(vm)
     }
 }
 
 impl Vm {
+    /// Restores all of `s` but the clock: for a restore that sets the clock after the vCPUs'
+    /// TSCs ([`Vm::set_clock_after_tsc`]), which would only overwrite it.
+    pub fn restore_chips(self, s: &VmState) -> Result<Vm, VmError> {
+        for c in [&s.pic_master, &s.pic_slave, &s.ioapic] {
+            self.fd.set_irqchip(c).map_err(kvm_err("KVM_SET_IRQCHIP"))?;
+        }
+        self.fd.set_pit2(&s.pit).map_err(kvm_err("KVM_SET_PIT2"))?;
+        Ok(self)
+    }
+
     /// Sets kvmclock once every vCPU's TSC is loaded. KVM_SET_CLOCK and the TSC writes
     /// (KVM_SET_MSRS) each take effect "now", and the saved clock and TSC were read a few
     /// ioctls apart: kvmclock set before the vCPUs were loaded led the restored TSC by that
