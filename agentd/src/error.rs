@@ -97,6 +97,7 @@ impl AgentError {
             AgentError::Catalog(CatalogError::NotFound(_)) => Code::NotFound,
             AgentError::Catalog(CatalogError::Exists(_)) => Code::AlreadyExists,
             AgentError::Catalog(CatalogError::InUse(_)) => Code::FailedPrecondition,
+            AgentError::Catalog(CatalogError::IdsExhausted) => Code::ResourceExhausted,
             AgentError::Block(BlockError::NoSpace(_)) => Code::ResourceExhausted,
             AgentError::Block(BlockError::Invalid(_)) => Code::InvalidArgument,
             AgentError::Catalog(_) | AgentError::Block(_) | AgentError::Io { .. } => Code::Internal,

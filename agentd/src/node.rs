@@ -513,35 +513,31 @@ impl Node {
 
     // ------------------------------------------------------------ VMMs
 
-    /// A VMM running `snap_dir`: a standby VMM of the shape if one is ready, else a cold
-    /// `grove-vmm restore`. Returns the process, its connection and the path taken.
-    async fn start_restored(
-        &self,
-        snap_dir: &Path,
-        shape: Shape,
-        identity: u32,
-        source: &'static str,
-    ) -> Result<(VmmProc, VmmConn)> {
-        let t = Instant::now();
-        let mut standby = self.pool.take(shape);
+    /// A standby VMM of `shape` from the pool (counted as a miss if there is none).
+    fn take_standby(&self, shape: Shape) -> Option<Standby> {
+        let standby = self.pool.take(shape);
         if standby.is_none() {
             self.metrics.pool_misses.inc();
         }
-        if let Some(Standby { proc, mut conn }) = standby.take() {
-            match conn.restore(snap_dir, identity).await {
-                Ok(_) => {
-                    self.observe_restore(source, "standby", t);
-                    return Ok((proc, conn));
-                }
-                Err(e) => {
-                    // A standby VMM that cannot restore (it died, or refused): drop it and
-                    // fall back to a cold restore.
-                    tracing::warn!(vid = %proc.vid, error = %one_line(&e), "standby restore failed");
-                    proc.kill();
-                    let _ = std::fs::remove_dir_all(self.layout.vmm(&proc.vid));
-                }
-            }
-        }
+        standby
+    }
+
+    /// A standby VMM that could not restore (it died, or refused) is dropped; the caller
+    /// falls back to a cold restore.
+    fn drop_failed_standby(&self, proc: &VmmProc, e: &grove_vmm_api::ClientError) {
+        tracing::warn!(vid = %proc.vid, error = %one_line(e), "standby restore failed");
+        proc.kill();
+        let _ = std::fs::remove_dir_all(self.layout.vmm(&proc.vid));
+    }
+
+    /// A new `grove-vmm restore` process (no standby VMM was at hand).
+    async fn start_cold_restore(
+        &self,
+        snap_dir: &Path,
+        identity: u32,
+        source: &'static str,
+        t: Instant,
+    ) -> Result<(VmmProc, VmmConn)> {
         let vid = self.alloc_vid()?;
         let l = &self.layout;
         let args = vec![
@@ -1242,29 +1238,90 @@ impl Node {
     }
 
     /// A sandbox restored from a snapshot; the caller holds its capacity.
+    ///
+    /// With a standby VMM, the record is committed while the VMM restores (the restore
+    /// request is sent first, then the commit runs, then the reply is read): nothing is
+    /// reported before both are done, a failed restore removes the record again, and a
+    /// crash in between leaves either a VMM no record names (killed by recovery) or a
+    /// committed record whose VMM restored (adopted) or, had the request been lost, still
+    /// stands by (rolled back by recovery).
     async fn new_from_snapshot(self: &Arc<Self>, s: NewSandbox) -> Result<SandboxRecord> {
         let shape = Shape { vcpus: s.snap.vcpus, mem_mib: s.snap.mem_mib };
-        // The sandbox holds the base image under its disk; its writable layer is the VMM's
-        // (`--disk-dir`: its VMM directory).
-        let disk = s.snap.disk_layers.first().copied();
         let dir = self.layout.snapshot(s.snap.id);
         let started = Instant::now();
-        let (proc, conn) = self.start_restored(&dir, shape, s.identity, s.source).await?;
+        if let Some(Standby { proc, mut conn }) = self.take_standby(shape) {
+            let rec = self.new_record(&s, &proc);
+            let (restored, committed) = conn
+                .restore_beside(&dir, s.identity, {
+                    let (catalog, rec) = (self.catalog.clone(), rec.clone());
+                    async move {
+                        let t = Instant::now();
+                        let r = tokio::task::spawn_blocking(move || {
+                            failpoint!("agentd::create::restore_sent");
+                            catalog.put_sandbox(&rec).map_err(AgentError::from)
+                        })
+                        .await
+                        .unwrap_or_else(|e| Err(AgentError::Internal(format!("commit: {e}"))));
+                        (r, t.elapsed())
+                    }
+                })
+                .await;
+            let commit_time = committed.as_ref().map(|c| c.1);
+            let committed = committed.map(|c| c.0);
+            match (restored, committed) {
+                (Ok(_), Some(Ok(()))) => {
+                    self.observe_restore(s.source, "standby", started);
+                    failpoint!("agentd::create::after_restore");
+                    return Ok(self.created(rec, conn, proc, started, commit_time));
+                }
+                (Ok(_), committed) => {
+                    // Restored, but no record names it.
+                    proc.kill();
+                    let _ = std::fs::remove_dir_all(self.layout.vmm(&proc.vid));
+                    return Err(match committed {
+                        Some(Err(e)) => e,
+                        _ => AgentError::Internal("the record was not committed".into()),
+                    });
+                }
+                (Err(e), committed) => {
+                    if let Some(Ok(())) = committed {
+                        let collected = blocking(|| self.catalog.remove_sandbox(&rec.id))?;
+                        self.remove_layer_files(&collected);
+                    }
+                    self.drop_failed_standby(&proc, &e);
+                }
+            }
+        }
+        let (proc, conn) = self.start_cold_restore(&dir, s.identity, s.source, started).await?;
         let restored = Instant::now();
         failpoint!("agentd::create::after_restore");
+        let rec = self.new_record(&s, &proc);
+        if let Err(e) = blocking(|| self.catalog.put_sandbox(&rec)) {
+            proc.kill();
+            let _ = std::fs::remove_dir_all(self.layout.vmm(&proc.vid));
+            return Err(e.into());
+        }
+        let commit_time = restored.elapsed();
+        Ok(self.created(rec, conn, proc, started, Some(commit_time)))
+    }
+
+    /// The record of a sandbox restored by `proc` from `s`, Running.
+    fn new_record(&self, s: &NewSandbox, proc: &VmmProc) -> SandboxRecord {
         let now = now_ms();
-        let rec = SandboxRecord {
+        SandboxRecord {
             id: s.id.clone(),
-            disk_layer: disk,
+            // The sandbox holds the base image under its disk; its writable layer is the
+            // VMM's (`--disk-dir`: its VMM directory).
+            disk_layer: s.snap.disk_layers.first().copied(),
             from_snapshot: Some(s.snap.id),
             state: State::Running.as_str().into(),
-            labels: s.labels,
+            labels: s.labels.clone(),
             memory_layer: s.snap.memory_layer,
             last_snapshot: Some(s.snap.id),
-            template: s.template,
-            parent: s.parent,
-            vcpus: shape.vcpus,
-            mem_mib: shape.mem_mib,
+            template: s.template.clone(),
+            parent: s.parent.clone(),
+            vcpus: s.snap.vcpus,
+            mem_mib: s.snap.mem_mib,
             identity: s.identity,
             created_unix_ms: now,
             expires_unix_ms: if s.ttl_s == 0 { 0 } else { now + u64::from(s.ttl_s) * 1000 },
@@ -1272,25 +1329,30 @@ impl Node {
             vmm: proc.vid.clone(),
             pid: proc.pid,
             deleting: false,
-        };
-        if let Err(e) = blocking(|| self.catalog.put_sandbox(&rec)) {
-            proc.kill();
-            let _ = std::fs::remove_dir_all(self.layout.vmm(&proc.vid));
-            return Err(e.into());
         }
-        let committed = Instant::now();
+    }
+
+    /// A created sandbox, committed: into the table, its exit watched, announced.
+    fn created(
+        self: &Arc<Self>,
+        rec: SandboxRecord,
+        conn: VmmConn,
+        proc: VmmProc,
+        started: Instant,
+        commit_time: Option<Duration>,
+    ) -> SandboxRecord {
         let entry = Entry::new(rec.clone(), Some(conn), proc.killer(), false, true);
         lock(&self.sandboxes).insert(rec.id.clone(), entry);
         self.watch_exit(rec.id.clone(), proc);
         self.emit(pb::EventKind::Created, &rec);
         tracing::debug!(
             sandbox = %rec.id,
-            restore_ms = (restored - started).as_secs_f64() * 1000.0,
-            commit_ms = (committed - restored).as_secs_f64() * 1000.0,
+            restore_and_commit_ms = started.elapsed().as_secs_f64() * 1000.0,
+            commit_ms = commit_time.map_or(0.0, |d| d.as_secs_f64() * 1000.0),
             "create steps"
         );
-        tracing::info!(sandbox = %rec.id, snapshot = s.snap.id, identity = rec.identity, "sandbox running");
-        Ok(rec)
+        tracing::info!(sandbox = %rec.id, snapshot = ?rec.from_snapshot, identity = rec.identity, "sandbox running");
+        rec
     }
 
     /// A sandbox booted from the template's kernel (not warm, or another shape).
@@ -2013,6 +2075,16 @@ impl Node {
                     None
                 }
             };
+            if let Some((_, s)) = status.as_ref().filter(|(_, s)| s.state == RunState::Standby) {
+                // Committed beside a restore request the VMM never served (see
+                // `new_from_snapshot`): a create that was never reported rolls back.
+                tracing::info!(sandbox = %r.id, vid = %r.vmm, pid = s.pid, "recovery: create rolled back (its VMM never restored)");
+                proc.kill_and_wait().await;
+                let collected = self.catalog.remove_sandbox(&r.id)?;
+                self.remove_layer_files(&collected);
+                let _ = std::fs::remove_dir_all(self.layout.vmm(&r.vmm));
+                return Ok(());
+            }
             if let Some((conn, s)) = status {
                 let state = match s.state {
                     RunState::Paused => State::Paused,

@@ -60,16 +60,30 @@ impl VmmConn {
     pub async fn call(&mut self, req: &Request) -> Result<Reply, ClientError> {
         match tokio::time::timeout(CALL_TIMEOUT, self.call_inner(req)).await {
             Ok(r) => r,
-            Err(_) => Err(ClientError::Io {
-                path: self.path.clone(),
-                source: std::io::Error::new(std::io::ErrorKind::TimedOut, "no reply in time"),
-            }),
+            Err(_) => Err(self.timed_out()),
+        }
+    }
+
+    fn timed_out(&self) -> ClientError {
+        ClientError::Io {
+            path: self.path.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::TimedOut, "no reply in time"),
         }
     }
 
     async fn call_inner(&mut self, req: &Request) -> Result<Reply, ClientError> {
+        self.send(req).await?;
+        self.receive(req).await
+    }
+
+    async fn send(&mut self, req: &Request) -> Result<(), ClientError> {
         let io = |source| ClientError::Io { path: self.path.clone(), source };
-        self.writer.write_all(encode_request(req).as_bytes()).await.map_err(io)?;
+        self.writer.write_all(encode_request(req).as_bytes()).await.map_err(io)
+    }
+
+    /// The reply to `req`, sent before.
+    async fn receive(&mut self, req: &Request) -> Result<Reply, ClientError> {
+        let io = |source| ClientError::Io { path: self.path.clone(), source };
         let mut line = String::new();
         let limit = u64::try_from(MAX_LINE + 2).unwrap_or(u64::MAX);
         let n = (&mut self.reader).take(limit).read_line(&mut line).await.map_err(io)?;
@@ -153,6 +167,20 @@ impl VmmConn {
         snapshot: &Path,
         identity: u32,
     ) -> Result<RestoreReport, ClientError> {
+        self.restore_beside(snapshot, identity, async {}).await.0
+    }
+
+    /// `restore`, with `beside` awaited once the request is sent, while the VMM restores and
+    /// together with its reply (the catalog commit of the sandbox's record, on a blocking
+    /// thread: the two are independent, so a create pays the longer of them, not their sum).
+    /// `beside` is not polled if the request could not be sent; its result comes back with
+    /// the reply's.
+    pub async fn restore_beside<F: std::future::Future>(
+        &mut self,
+        snapshot: &Path,
+        identity: u32,
+        beside: F,
+    ) -> (Result<RestoreReport, ClientError>, Option<F::Output>) {
         // No vsock device or guest refresh yet: agentd's guests are restored as saved (the
         // exec/files issue adds the vsock socket per sandbox).
         let req = Request::Restore {
@@ -162,10 +190,21 @@ impl VmmConn {
             vsock_cid: None,
             guest: grove_vmm_api::GuestRefresh::default(),
         };
-        match self.call(&req).await? {
-            Reply::Restored(r) => Ok(r),
-            r => Err(self.unexpected(&req, r)),
+        let sent = tokio::time::timeout(CALL_TIMEOUT, self.send(&req)).await;
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return (Err(e), None),
+            Err(_) => return (Err(self.timed_out()), None),
         }
+        let (reply, other) =
+            tokio::join!(tokio::time::timeout(CALL_TIMEOUT, self.receive(&req)), beside);
+        let reply = match reply {
+            Ok(Ok(Reply::Restored(r))) => Ok(r),
+            Ok(Ok(r)) => Err(self.unexpected(&req, r)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(self.timed_out()),
+        };
+        (reply, Some(other))
     }
 }
 

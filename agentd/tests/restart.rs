@@ -217,12 +217,31 @@ async fn kill_in_the_middle_of_a_create_or_a_delete() {
     warm_test_guest(&mut c, "tg", FORK_CMDLINE, 64).await;
     let keep = c.sandbox.create(create_req("tg")).await.unwrap().into_inner();
 
-    // A create killed after its VMM restored, before the record: rolled back.
+    // A create killed once its restore request was sent to a standby VMM, before the
+    // record (committed beside the restore): rolled back, its VMM killed.
+    kill_at(&mut agent, "agentd::create::restore_sent", "recovery done", |mut c| async move {
+        let _ = c.sandbox.create(create_req("tg")).await;
+    })
+    .await;
+    let mut c = agent.clients().await;
+    assert_eq!(ids(&mut c).await, vec![keep.id.clone()]);
+    assert_no_strays(&agent, &mut c).await;
+
+    // A create killed after its VMM restored and its record was committed, before the
+    // reply: the sandbox exists (committed before it could be reported) and is adopted.
     kill_at(&mut agent, "agentd::create::after_restore", "recovery done", |mut c| async move {
         let _ = c.sandbox.create(create_req("tg")).await;
     })
     .await;
     let mut c = agent.clients().await;
+    let now = ids(&mut c).await;
+    assert_eq!(now.len(), 2, "{now:?}");
+    assert!(now.contains(&keep.id), "{now:?}");
+    let other = now.iter().find(|i| **i != keep.id).unwrap().clone();
+    let o = get(&mut c, &other).await;
+    assert_eq!(o.state(), pb::SandboxState::Running);
+    assert!(alive(o.vmm_pid), "the adopted sandbox's VMM runs");
+    c.sandbox.delete(pb::DeleteRequest { id: other }).await.unwrap();
     assert_eq!(ids(&mut c).await, vec![keep.id.clone()]);
     assert_no_strays(&agent, &mut c).await;
 

@@ -50,6 +50,8 @@ const KIND_OP: u16 = 5;
 pub enum CatalogError {
     #[error("sled")]
     Sled(#[from] sled::Error),
+    #[error("the id counter is used up")]
+    IdsExhausted,
     #[error("corrupt record {key}")]
     Corrupt {
         key: String,
@@ -274,6 +276,16 @@ pub struct Catalog {
     sandboxes: sled::Tree,
     ops: sled::Tree,
     meta: sled::Tree,
+    /// The id allocator: the next id and the durable limit below which ids may be handed
+    /// out ([`Catalog::alloc_id`]).
+    ids: std::sync::Mutex<IdBlock>,
+}
+
+/// Ids handed out from memory, below a limit made durable ahead ([`ID_BLOCK`] at a time).
+#[derive(Debug, Clone, Copy)]
+struct IdBlock {
+    next: u64,
+    limit: u64,
 }
 
 type TxResult<T> = ConflictableTransactionResult<T, CatalogError>;
@@ -379,8 +391,8 @@ fn unwrap_tx<T>(r: Result<T, TransactionError<CatalogError>>) -> Result<T, Catal
     })
 }
 
-/// [`Catalog::alloc_id`] makes the id counter durable every this many ids.
-pub const ID_FLUSH_EVERY: u64 = 1024;
+/// [`Catalog::alloc_id`] reserves ids durably this many at a time.
+pub const ID_BLOCK: u64 = 1024;
 
 impl Catalog {
     /// Opens (or creates) the catalog at `path`.
@@ -412,24 +424,16 @@ impl Catalog {
             ops: db.open_tree("ops")?,
             meta: db.open_tree("meta")?,
             write: std::sync::Mutex::new(()),
+            ids: std::sync::Mutex::new(IdBlock { next: 1, limit: 1 }),
             db,
         };
-        c.skip_ids_lost_in_a_crash()?;
+        let first = c.meta.get(b"next_id")?;
+        let first = first.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok());
+        let first = first.map_or(1, u64::from_le_bytes).max(1);
+        // Every id handed out before was below the durable limit: the next starts there.
+        *c.ids.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            IdBlock { next: first, limit: first };
         Ok(c)
-    }
-
-    /// The id counter after a crash: sled makes `next_id`'s updates durable only at its next
-    /// flush, so ids handed out just before a crash (`kill -9` of agentd) could be handed out
-    /// again, naming a directory or a process that still exists. [`Self::alloc_id`] flushes
-    /// every [`ID_FLUSH_EVERY`] ids, so no id above the recovered counter plus that many was
-    /// ever handed out: opening skips twice that, durably.
-    fn skip_ids_lost_in_a_crash(&self) -> Result<(), CatalogError> {
-        let Some(old) = self.meta.get(b"next_id")? else { return Ok(()) };
-        let n = <[u8; 8]>::try_from(old.as_ref()).map_or(1, u64::from_le_bytes);
-        let skipped = n.saturating_add(2 * ID_FLUSH_EVERY);
-        self.meta.insert(b"next_id", &skipped.to_le_bytes())?;
-        self.db.flush()?;
-        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -447,20 +451,21 @@ impl Catalog {
     }
 
     /// Allocates a new id (shared by layers, snapshots, sandboxes and VMMs). Ids start at 1
-    /// and are never handed out twice, also across a crash (see
-    /// `skip_ids_lost_in_a_crash`).
+    /// and are never handed out twice, also across a crash: they come from memory below a
+    /// limit that is made durable ([`ID_BLOCK`] ids ahead, one flush per block) before any id
+    /// under it is handed out, and a reopened catalog starts at that limit. Most calls write
+    /// nothing (each write would be one more sync in the next commit's flush); a crash
+    /// skips the rest of a block.
     pub fn alloc_id(&self) -> Result<u64, CatalogError> {
-        let v = self.meta.update_and_fetch(b"next_id", |old| {
-            let n = old.and_then(|b| <[u8; 8]>::try_from(b).ok()).map_or(1, u64::from_le_bytes);
-            Some((n + 1).to_le_bytes().to_vec())
-        })?;
-        let next =
-            v.and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok()).map_or(2, u64::from_le_bytes);
-        let id = next - 1;
-        if id % ID_FLUSH_EVERY == 0 {
-            // Bounds how far the durable counter can lag (see skip_ids_lost_in_a_crash).
+        let mut b = self.ids.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if b.next >= b.limit {
+            let limit = b.next.checked_add(ID_BLOCK).ok_or(CatalogError::IdsExhausted)?;
+            self.meta.insert(b"next_id", &limit.to_le_bytes())?;
             self.db.flush()?;
+            b.limit = limit;
         }
+        let id = b.next;
+        b.next += 1;
         Ok(id)
     }
 
@@ -1243,14 +1248,20 @@ mod tests {
             let ids: Vec<u64> = (0..3).map(|_| c.alloc_id().unwrap()).collect();
             assert_eq!(ids, vec![1, 2, 3]);
             ids[2]
-            // Dropped without a flush: sled may lose the counter's last updates in a crash.
+            // Dropped without a flush: only the reserved block's limit is durable.
         };
         let c = Catalog::open(dir.path()).unwrap();
         let next = c.alloc_id().unwrap();
-        assert!(
-            next > last + ID_FLUSH_EVERY,
-            "{next} after {last}: a lost update would repeat ids"
-        );
+        assert_eq!(next, 1 + ID_BLOCK, "after {last}: the rest of the block is skipped");
+        // A block used up reserves the next one, durably.
+        for _ in 1..ID_BLOCK {
+            c.alloc_id().unwrap();
+        }
+        let crossed = c.alloc_id().unwrap();
+        assert_eq!(crossed, 1 + 2 * ID_BLOCK);
+        drop(c);
+        let c = Catalog::open(dir.path()).unwrap();
+        assert_eq!(c.alloc_id().unwrap(), 1 + 3 * ID_BLOCK);
         // A fresh catalog starts at 1 (nothing to skip).
         let fresh = tempfile::tempdir().unwrap();
         assert_eq!(Catalog::open(fresh.path()).unwrap().alloc_id().unwrap(), 1);
