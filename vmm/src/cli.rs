@@ -25,7 +25,7 @@ pub const USAGE: &str = "usage:
   grove-vmm api --api-sock PATH JSON     (one control request; the reply on stdout)
   grove-vmm check-host [--json]
 run, restore and standby also take --seccomp off|log|kill (default: $GROVE_SECCOMP, else
-  off): each thread kind's seccomp filter; a forbidden syscall ends the process with one
+  kill): each thread kind's seccomp filter; a forbidden syscall ends the process with one
   line and status 159 (kill), is only logged by the kernel (log), or nothing is filtered (off).
 API LIMITS: [--api-max-conns N] (default 16) [--api-idle-ms N] (default 600000): control
   connections open at once, and how long one may stay idle before it is closed.
@@ -213,7 +213,7 @@ pub fn parse_standby(args: &[String]) -> Result<StandbyArgs, CliError> {
 }
 
 /// Takes `--seccomp MODE` (or `--seccomp=MODE`) out of a command's arguments: the mode
-/// (else `$GROVE_SECCOMP`, else `off`) and the other arguments, in order.
+/// (else `$GROVE_SECCOMP`, else `kill`) and the other arguments, in order.
 pub fn take_seccomp(args: &[String]) -> Result<(Mode, Vec<String>), CliError> {
     let bad = |v: &str, e: crate::seccomp::SeccompError| CliError::BadValue {
         flag: "--seccomp".into(),
@@ -244,9 +244,8 @@ pub fn take_seccomp(args: &[String]) -> Result<(Mode, Vec<String>), CliError> {
         Some(v) => Mode::parse(&v).map_err(|e| bad(&v, e))?,
         None => match std::env::var(crate::seccomp::MODE_ENV) {
             Ok(v) if !v.is_empty() => Mode::parse(&v).map_err(|e| bad(&v, e))?,
-            // Off until the filters have run the test-host tier cleanly: with them on, Linux
-            // guests forked in the test host triple-faulted (docs/security.md §4).
-            _ => Mode::Off,
+            // On by default (docs/security.md §4).
+            _ => Mode::Kill,
         },
     };
     Ok((mode, rest))
