@@ -84,6 +84,20 @@ struct Report {
     /// The same work under Firecracker, when `FIRECRACKER_BIN` is set.
     #[serde(skip_serializing_if = "Option::is_none")]
     firecracker: Option<FirecrackerReport>,
+    /// The same boots through `grove-jailer`, alternating with these, with `--jail`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    jailed: Option<JailedReport>,
+}
+
+/// Boots through `grove-jailer` (uid 65534, the guest bound read-only, a cgroup with a
+/// memory limit), alternating with the plain boots of the same run.
+#[derive(Serialize)]
+struct JailedReport {
+    jailer: String,
+    spawn_to_ready_ms: Option<Summary>,
+    vmm_boot_timer_ms: Option<Summary>,
+    /// Jailed READY p50 over plain READY p50 (same run).
+    jailed_over_plain_ready_p50: Option<f64>,
 }
 
 /// Firecracker booting the same guest with the same command line and sizes.
@@ -113,8 +127,31 @@ struct Guard(Child);
 
 impl Drop for Guard {
     fn drop(&mut self) {
+        // SIGTERM, which ends grove-vmm and makes grove-jailer end its VMM and remove the
+        // jail's root and cgroup; SIGKILL if that has not ended it in 5 s.
+        if let Ok(pid) = i32::try_from(self.0.id()) {
+            // SAFETY: kill takes integers; the pid is this bench's own child.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(5) {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// `grove-jailer` beside the VMM binary.
+fn jailer_path(vmm: &Path) -> Result<std::path::PathBuf, String> {
+    let j = vmm.with_file_name("grove-jailer");
+    if j.is_file() {
+        Ok(j)
+    } else {
+        Err(format!("{} not found: cargo build --release -p grove-vmm", j.display()))
     }
 }
 
@@ -152,11 +189,22 @@ pub fn run(args: &[String]) -> Result<(), String> {
         &cpus,
     ];
 
+    let jailer = if args.iter().any(|a| a == "--jail") { Some(jailer_path(&vmm)?) } else { None };
     let mut samples = Vec::with_capacity(runs);
+    let mut jailed = Vec::new();
     for i in 0..runs {
+        if let Some(j) = &jailer {
+            // Jailed first on odd runs, second on even ones.
+            let s = boot_jailed(j, &vmm, &vmm_args, &guest, mem_mib, i)
+                .map_err(|e| format!("jailed run {}: {e}", i + 1))?;
+            if !json {
+                eprintln!("run {:>3}: jailed READY {:8.3} ms", i + 1, s.ready_ms);
+            }
+            jailed.push(s);
+        }
         let mut cmd = Command::new(&vmm);
         cmd.args(vmm_args).env("GROVE_VMM_TIMING", "1");
-        let s = boot_once(cmd, mem_mib).map_err(|e| format!("run {}: {e}", i + 1))?;
+        let s = boot_once(cmd, mem_mib, None).map_err(|e| format!("run {}: {e}", i + 1))?;
         if !json {
             eprintln!(
                 "run {:>3}: READY {:8.3} ms  boot-timer (VMM) {}  RSS {:.1} MiB",
@@ -197,12 +245,52 @@ pub fn run(args: &[String]) -> Result<(), String> {
         report.firecracker =
             Some(FirecrackerReport { grove_over_firecracker_ready_p50: ratio, ..fc });
     }
+    if let Some(j) = &jailer {
+        let ready = Summary::of("ms", &jailed.iter().map(|s| s.ready_ms).collect::<Vec<_>>());
+        let timer: Vec<f64> = jailed.iter().filter_map(|s| s.vmm_boot_timer_ms).collect();
+        let ratio =
+            ready.as_ref().zip(report.spawn_to_ready_ms.as_ref()).map(|(j, p)| j.median / p.median);
+        report.jailed = Some(JailedReport {
+            jailer: j.display().to_string(),
+            spawn_to_ready_ms: ready,
+            vmm_boot_timer_ms: Summary::of("ms", &timer),
+            jailed_over_plain_ready_p50: ratio,
+        });
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
     } else {
         print_text(&report);
     }
     Ok(())
+}
+
+/// One boot through grove-jailer: uid and gid 65534, the guest bound read-only, a cgroup
+/// with a 1 GiB memory limit; RSS read from the VMM (the jailer's pid file).
+fn boot_jailed(
+    jailer: &Path,
+    vmm: &Path,
+    vmm_args: &[&str],
+    guest: &Path,
+    mem_mib: u64,
+    i: usize,
+) -> Result<Sample, String> {
+    let id = format!("bench-{}-{i}", std::process::id());
+    let pid_file = std::env::temp_dir().join(format!("{id}.pid"));
+    let mut cmd = Command::new(jailer);
+    cmd.args(["--id", &id, "--uid", "65534", "--gid", "65534", "--memory-bytes"])
+        .arg(((mem_mib + 1024) << 20).to_string())
+        .arg("--pid-file")
+        .arg(&pid_file)
+        .arg("--bind-ro")
+        .arg(guest)
+        .arg("--")
+        .arg(vmm)
+        .args(vmm_args)
+        .env("GROVE_VMM_TIMING", "1");
+    let r = boot_once(cmd, mem_mib, Some(&pid_file));
+    let _ = std::fs::remove_file(&pid_file);
+    r
 }
 
 fn summarise(samples: &[Sample], conditions: Conditions) -> Report {
@@ -243,6 +331,7 @@ fn summarise(samples: &[Sample], conditions: Conditions) -> Report {
                      a RAM region, or memfd:grove-guest-ram ones); VMM beside guest = VmRSS - \
                      guest memory",
         firecracker: None,
+        jailed: None,
     }
 }
 
@@ -279,6 +368,14 @@ fn print_text(r: &Report) {
             println!("  grove-vmm / Firecracker, spawn -> READY median: {x:.2}");
         }
     }
+    if let Some(j) = &r.jailed {
+        println!("  through grove-jailer ({}), alternating with the boots above:", j.jailer);
+        line("spawn -> READY on stdout", &j.spawn_to_ready_ms);
+        line("boot-timer (VMM)", &j.vmm_boot_timer_ms);
+        if let Some(x) = j.jailed_over_plain_ready_p50 {
+            println!("  jailed / plain, spawn -> READY median: {x:.2}");
+        }
+    }
 }
 
 /// Boots the guest `runs` times under Firecracker (`--no-api --config-file`), for a
@@ -306,7 +403,7 @@ fn firecracker_runs(
     for i in 0..runs {
         let mut cmd = Command::new(fc);
         cmd.arg("--no-api").arg("--config-file").arg(&file);
-        match boot_once(cmd, mem_mib) {
+        match boot_once(cmd, mem_mib, None) {
             Ok(s) => {
                 if !json {
                     eprintln!("firecracker run {:>3}: READY {:8.3} ms", i + 1, s.ready_ms);
@@ -335,7 +432,9 @@ fn firecracker_runs(
 }
 
 /// One boot: spawn, wait for READY and some Ts, read RSS, kill.
-fn boot_once(mut cmd: Command, mem_mib: u64) -> Result<Sample, String> {
+/// One boot of `cmd` to READY; RSS from its process, or from the PID in `pid_file` (a jailed
+/// VMM).
+fn boot_once(mut cmd: Command, mem_mib: u64, pid_file: Option<&Path>) -> Result<Sample, String> {
     let t0 = Instant::now();
     let child = cmd
         .stdin(Stdio::null())
@@ -371,7 +470,11 @@ fn boot_once(mut cmd: Command, mem_mib: u64) -> Result<Sample, String> {
             Err(RecvTimeoutError::Disconnected) => break,
         }
     }
-    let rss = read_rss(pid, mem_mib);
+    let vmm_pid = pid_file
+        .and_then(|f| std::fs::read_to_string(f).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(pid);
+    let rss = read_rss(vmm_pid, mem_mib);
     // Kill (by PID) before draining stderr, so the reader sees EOF.
     drop(guard);
     let err_lines: Vec<(Instant, String)> = err_rx.try_iter().collect();

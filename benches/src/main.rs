@@ -21,7 +21,8 @@ use std::process::ExitCode;
 
 const USAGE: &str =
     "usage: grove-bench <boot|snapshot|restore|fork|disk|net|net-guest|exec|api> [--json] [options]
-  boot     [--runs N] [--mem-mib M] [--touch-mib T] [--vcpus V]
+  boot     [--runs N] [--mem-mib M] [--touch-mib T] [--vcpus V] [--jail]   (--jail: each run also
+           boots through grove-jailer, root; jailed over plain in the same run)
   boot --linux [--runs N] [--vcpus V] [--mem-mib M] [--kernel K] [--initrd I] [--qemu BIN]
            [--no-qemu]   (VMM start to guest-init ready beside QEMU -M microvm on the same KVM;
            where KVM runs Linux: scripts/testhost.sh bootbench)

@@ -26,6 +26,7 @@ pub mod exit;
 pub mod guest_refresh;
 pub mod hostcheck;
 pub mod input;
+pub mod jail;
 pub mod layout;
 pub mod memory;
 pub mod paths;

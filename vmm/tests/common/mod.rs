@@ -139,7 +139,19 @@ impl Vmm {
         stderr: Stdio,
         env: &[(&str, &str)],
     ) -> Self {
-        let mut child = Command::new(VMM)
+        Self::spawn_program(VMM, args, sock, stderr, env)
+    }
+
+    /// Like [`Vmm::spawn_env`], with another program in front (`grove-jailer ... -- grove-vmm
+    /// ...`); the process guarded is that program's.
+    pub fn spawn_program(
+        program: &str,
+        args: &[String],
+        sock: Option<PathBuf>,
+        stderr: Stdio,
+        env: &[(&str, &str)],
+    ) -> Self {
+        let mut child = Command::new(program)
             .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
