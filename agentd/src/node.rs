@@ -526,6 +526,11 @@ impl Node {
     /// falls back to a cold restore.
     fn drop_failed_standby(&self, proc: &VmmProc, e: &grove_vmm_api::ClientError) {
         tracing::warn!(vid = %proc.vid, error = %one_line(e), "standby restore failed");
+        self.discard_vmm(proc);
+    }
+
+    /// Kills a VMM no record names and removes its directory.
+    fn discard_vmm(&self, proc: &VmmProc) {
         proc.kill();
         let _ = std::fs::remove_dir_all(self.layout.vmm(&proc.vid));
     }
@@ -1276,8 +1281,7 @@ impl Node {
                 }
                 (Ok(_), committed) => {
                     // Restored, but no record names it.
-                    proc.kill();
-                    let _ = std::fs::remove_dir_all(self.layout.vmm(&proc.vid));
+                    self.discard_vmm(&proc);
                     return Err(match committed {
                         Some(Err(e)) => e,
                         _ => AgentError::Internal("the record was not committed".into()),
@@ -1297,8 +1301,7 @@ impl Node {
         failpoint!("agentd::create::after_restore");
         let rec = self.new_record(&s, &proc);
         if let Err(e) = blocking(|| self.catalog.put_sandbox(&rec)) {
-            proc.kill();
-            let _ = std::fs::remove_dir_all(self.layout.vmm(&proc.vid));
+            self.discard_vmm(&proc);
             return Err(e.into());
         }
         let commit_time = restored.elapsed();

@@ -341,17 +341,8 @@ fn enter_root(spec: &JailSpec) -> Result<(), JailError> {
     // Nothing mounted here reaches the host's namespace.
     mount(None, Path::new("/"), None, libc::MS_REC | libc::MS_PRIVATE, None)?;
     fs::create_dir_all(&root).map_err(os(format!("mkdir {}", root.display())))?;
-    mount(None, &root, Some("tmpfs"), libc::MS_NOSUID, Some("mode=0755,size=16m")).or_else(
-        |_| {
-            mount(
-                Some(Path::new("tmpfs")),
-                &root,
-                Some("tmpfs"),
-                libc::MS_NOSUID,
-                Some("mode=0755,size=16m"),
-            )
-        },
-    )?;
+    let tmpfs = Some(Path::new("tmpfs"));
+    mount(tmpfs, &root, Some("tmpfs"), libc::MS_NOSUID, Some("mode=0755,size=16m"))?;
     for d in LIB_DIRS {
         if Path::new(d).is_dir() {
             bind(&root, Path::new(d), true)?;
