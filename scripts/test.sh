@@ -53,7 +53,7 @@ if [ -n "${GROVE_SKIP_TESTHOST:-}" ]; then
   echo "test: TEST HOST TIER NOT RUN: GROVE_SKIP_TESTHOST=$GROVE_SKIP_TESTHOST" >&2
 else
   th_pass=0; th_fail=0
-  for sc in ${GROVE_TESTHOST_SCENARIOS:-hello boot fork dmthin devices blk vsock net agentd}; do
+  for sc in ${GROVE_TESTHOST_SCENARIOS:-hello boot fork dmthin devices blk vsock net agentd jail}; do
     t0=$(date +%s)
     st=0; scripts/testhost.sh "$sc" >"build/testhost-$sc.log" 2>&1 || st=$?
     # One rerun, loudly, the first log kept, for two failures that are not the scenario's

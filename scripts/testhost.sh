@@ -116,6 +116,12 @@ if [ "$NAME" = dmthin ]; then
     | grep -o 'target/release/deps/block_dmthin-[0-9a-f]*' | tail -1)"
   [ -x "$STORAGE_DMTHIN_TEST" ] || die "cannot build storage's block_dmthin test"
 fi
+VMM_JAIL_TEST=""
+if [ "$NAME" = jail ]; then
+  VMM_JAIL_TEST="$ROOT/$(cargo test --release -p grove-vmm --test jail --no-run 2>&1 \
+    | grep -o 'target/release/deps/jail-[0-9a-f]*' | tail -1)"
+  [ -x "$VMM_JAIL_TEST" ] || die "cannot build grove-vmm's jail test"
+fi
 prep_ms=$(( ($(date +%s%N) - t_prep) / 1000000 ))
 
 cat >"$OUT/job.sh" <<EOF
@@ -124,7 +130,7 @@ export GROVE_ROOT='$ROOT' GROVE_OUT='OUTDIR' TESTHOST='$MODE' TESTHOST_SCENARIO=
 export GROVE_VMM='${GROVE_VMM:-$ROOT/target/release/grove-vmm}' GROVE_BENCH='${GROVE_BENCH:-$ROOT/target/release/grove-bench}'
 export GUEST_KERNEL='$GUEST_KERNEL' GUEST_INITRD='$GUEST_INITRD' GUEST_KERNEL_KIND='${GROVE_GUEST_KERNEL:-cloud}' GUEST_ROOTFS='$GUEST_ROOTFS'
 export NETD_BPF_TEST='$NETD_BPF_TEST' GROVE_NETD_TESTBED='$ROOT/target/release/grove-netd-testbed' BENCH_RUNS='${BENCH_RUNS:-}'
-export STORAGE_DMTHIN_TEST='$STORAGE_DMTHIN_TEST'
+export STORAGE_DMTHIN_TEST='$STORAGE_DMTHIN_TEST' VMM_JAIL_TEST='$VMM_JAIL_TEST'
 export GROVE_CACHE='$CACHE' TESTHOST_CPUS='${TESTHOST_CPUS:-1}' TESTHOST_TCG='${TESTHOST_TCG:-multi}'
 $(for v in GUEST_VERBOSE GUEST_CMDLINE_EXTRA VSOCK_ROOT BOOT_CONFIGS FORK_CHILDREN BENCH_RUNS BOOTCMP_KERNELS NETBENCH_MIB; do
   [ -n "${!v:-}" ] && printf "export %s=%q\n" "$v" "${!v}"; done)

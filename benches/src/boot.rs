@@ -145,16 +145,6 @@ impl Drop for Guard {
     }
 }
 
-/// `grove-jailer` beside the VMM binary.
-fn jailer_path(vmm: &Path) -> Result<std::path::PathBuf, String> {
-    let j = vmm.with_file_name("grove-jailer");
-    if j.is_file() {
-        Ok(j)
-    } else {
-        Err(format!("{} not found: cargo build --release -p grove-vmm", j.display()))
-    }
-}
-
 pub fn run(args: &[String]) -> Result<(), String> {
     let json = wants_json(args);
     let runs: usize = flag(args, "--runs")?.unwrap_or(20);
@@ -189,13 +179,17 @@ pub fn run(args: &[String]) -> Result<(), String> {
         &cpus,
     ];
 
-    let jailer = if args.iter().any(|a| a == "--jail") { Some(jailer_path(&vmm)?) } else { None };
+    let jailer = if args.iter().any(|a| a == "--jail") {
+        Some(crate::vmm_driver::Jail::beside(&vmm, mem_mib)?.with(&[], &[&guest]))
+    } else {
+        None
+    };
     let mut samples = Vec::with_capacity(runs);
     let mut jailed = Vec::new();
     for i in 0..runs {
         if let Some(j) = &jailer {
             // Jailed first on odd runs, second on even ones.
-            let s = boot_jailed(j, &vmm, &vmm_args, &guest, mem_mib, i)
+            let s = boot_jailed(j, &vmm, &vmm_args, mem_mib, i)
                 .map_err(|e| format!("jailed run {}: {e}", i + 1))?;
             if !json {
                 eprintln!("run {:>3}: jailed READY {:8.3} ms", i + 1, s.ready_ms);
@@ -251,7 +245,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         let ratio =
             ready.as_ref().zip(report.spawn_to_ready_ms.as_ref()).map(|(j, p)| j.median / p.median);
         report.jailed = Some(JailedReport {
-            jailer: j.display().to_string(),
+            jailer: j.jailer.display().to_string(),
             spawn_to_ready_ms: ready,
             vmm_boot_timer_ms: Summary::of("ms", &timer),
             jailed_over_plain_ready_p50: ratio,
@@ -265,29 +259,19 @@ pub fn run(args: &[String]) -> Result<(), String> {
     Ok(())
 }
 
-/// One boot through grove-jailer: uid and gid 65534, the guest bound read-only, a cgroup
-/// with a 1 GiB memory limit; RSS read from the VMM (the jailer's pid file).
+/// One boot through grove-jailer (`jail`: uid and gid 65534, the guest bound read-only, a
+/// cgroup with a memory limit); RSS read from the VMM (the jailer's pid file).
 fn boot_jailed(
-    jailer: &Path,
+    jail: &crate::vmm_driver::Jail,
     vmm: &Path,
     vmm_args: &[&str],
-    guest: &Path,
     mem_mib: u64,
     i: usize,
 ) -> Result<Sample, String> {
     let id = format!("bench-{}-{i}", std::process::id());
     let pid_file = std::env::temp_dir().join(format!("{id}.pid"));
-    let mut cmd = Command::new(jailer);
-    cmd.args(["--id", &id, "--uid", "65534", "--gid", "65534", "--memory-bytes"])
-        .arg(((mem_mib + 1024) << 20).to_string())
-        .arg("--pid-file")
-        .arg(&pid_file)
-        .arg("--bind-ro")
-        .arg(guest)
-        .arg("--")
-        .arg(vmm)
-        .args(vmm_args)
-        .env("GROVE_VMM_TIMING", "1");
+    let mut cmd = jail.command(vmm, vmm_args, &pid_file, &id);
+    cmd.env("GROVE_VMM_TIMING", "1");
     let r = boot_once(cmd, mem_mib, Some(&pid_file));
     let _ = std::fs::remove_file(&pid_file);
     r

@@ -27,9 +27,11 @@ const USAGE: &str =
            [--no-qemu]   (VMM start to guest-init ready beside QEMU -M microvm on the same KVM;
            where KVM runs Linux: scripts/testhost.sh bootbench)
   snapshot [--runs N] [--sizes 256,1024,4096] [--busy-gaps-ms ...] [--storage-only]
-  restore  [--runs N] [--mem-mib M] [--touch-mib T] [--storage-only]
+  restore  [--runs N] [--mem-mib M] [--touch-mib T] [--storage-only] [--jail]   (--jail: cold
+           mmap and standby restores also through grove-jailer, alternating; root)
   fork     [--runs N] [--children 1,4,16,64] [--mem-mode mmap|uffd] [--no-standby]
-           [--stop-children] [--spin]
+           [--stop-children] [--spin] [--jail]   (--jail: each series again with the parent
+           and every child through grove-jailer; root)
   disk     [--runs N] [--mib M] [--dir D] [--dmthin]   (--dmthin: snapshot/clone of dm-thin beside the
            layered store; root, device-mapper: scripts/testhost.sh diskdm)
   disk --virtio [--mib M] [--ops N] [--kernel K] [--initrd I] [--qemu BIN]   (guest-side, on

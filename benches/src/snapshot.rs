@@ -557,13 +557,24 @@ fn boot_guest(
     mem_mib: u64,
     sock: PathBuf,
 ) -> Result<drv::Vmm, String> {
+    boot_guest_in(vmm, guest, cmdline, mem_mib, sock, None)
+}
+
+fn boot_guest_in(
+    vmm: &Path,
+    guest: &Path,
+    cmdline: &str,
+    mem_mib: u64,
+    sock: PathBuf,
+    jail: Option<&drv::Jail>,
+) -> Result<drv::Vmm, String> {
     let mem = mem_mib.to_string();
     let args =
         ["run", "--kernel", drv::s(guest)?, "--cmdline", cmdline, "--mem-mib", &mem, "--api-sock"];
     let mut args = args.to_vec();
     let sock_s = drv::s(&sock)?.to_string();
     args.push(&sock_s);
-    let mut v = drv::Vmm::spawn(vmm, &args, Some(sock), BOOT_TS)?;
+    let mut v = drv::Vmm::spawn_in(vmm, &args, Some(sock), BOOT_TS, jail)?;
     v.wait_ready(BOOT_TS)?;
     Ok(v)
 }
@@ -799,11 +810,12 @@ fn cold_restore(
     mode: &str,
     identity: u32,
     out: &mut RestoreSamples,
+    jail: Option<&drv::Jail>,
 ) -> Result<drv::Vmm, String> {
     let id = identity.to_string();
     let args = ["restore", "--snapshot", drv::s(dir)?, "--mem-mode", mode, "--identity", &id];
     let t0 = Instant::now();
-    let mut v = drv::Vmm::spawn(vmm, &args, None, 1)?;
+    let mut v = drv::Vmm::spawn_in(vmm, &args, None, 1, jail)?;
     let at = v.wait_first_t()?;
     out.client.push(drv::ms_since(t0, at));
     if let Some(m) = v.timing_mark("first guest serial output") {
@@ -819,14 +831,20 @@ struct Standby {
     api: drv::Api,
 }
 
-fn start_standby(vmm: &Path, mem_mib: u64, sock: PathBuf) -> Result<Standby, String> {
+fn start_standby(
+    vmm: &Path,
+    mem_mib: u64,
+    sock: PathBuf,
+    jail: Option<&drv::Jail>,
+) -> Result<Standby, String> {
     let mem = mem_mib.to_string();
     let sock_s = drv::s(&sock)?.to_string();
-    let mut v = drv::Vmm::spawn(
+    let mut v = drv::Vmm::spawn_in(
         vmm,
         &["standby", "--api-sock", &sock_s, "--mem-mib", &mem],
         Some(sock),
         1,
+        jail,
     )?;
     let mut api = v.api()?;
     let st = api.call(&serde_json::json!({"cmd": "status"}))?;
@@ -867,9 +885,24 @@ pub fn run_restore(args: &[String]) -> Result<(), String> {
     let touch_mib: u64 = flag(args, "--touch-mib")?.unwrap_or(64);
     check_fit(mem_mib, touch_mib)?;
     let (vmm, guest) = drv::binaries()?;
+    let jail_base = if args.iter().any(|a| a == "--jail") {
+        Some(drv::Jail::beside(&vmm, mem_mib)?)
+    } else {
+        None
+    };
     let mut cond = drv::Conditions::now(&vmm, &guest);
     let tmp = drv::TempDir::new("restore")?;
     let snap = tmp.join("snap");
+    // Jailed VMMs (--jail) see the snapshot read-only and make their sockets in a directory
+    // of their uid's.
+    let jail_socks = tmp.join("jail-socks");
+    let jail = match &jail_base {
+        Some(j) => {
+            drv::jail_writable_dir(&jail_socks)?;
+            Some(j.with(&[&jail_socks], &[&snap]))
+        }
+        None => None,
+    };
     let cmdline = format!("tg.mode=ready tg.touch_mib={touch_mib}");
     let (snap_pages, snap_ms) = {
         let mut parent = boot_guest(&vmm, &guest, &cmdline, mem_mib, tmp.join("parent.sock"))?;
@@ -890,16 +923,29 @@ pub fn run_restore(args: &[String]) -> Result<(), String> {
 
     progress("cold, mmap");
     let mut s = RestoreSamples::default();
+    let mut sj = RestoreSamples::default();
     for _ in 0..runs {
-        cold_restore(&vmm, &snap, "mmap", 1, &mut s)?;
+        cold_restore(&vmm, &snap, "mmap", 1, &mut s, None)?;
+        if let Some(j) = &jail {
+            // Alternating with the plain ones: the same conditions for both.
+            cold_restore(&vmm, &snap, "mmap", 1, &mut sj, Some(j))?;
+        }
     }
     rows.push(s.row("cold grove-vmm restore", "mmap", "VMM main"));
+    let mut jailed_rows = Vec::new();
+    if jail.is_some() {
+        jailed_rows.push(sj.row(
+            "cold grove-vmm restore, through grove-jailer",
+            "mmap",
+            "VMM main",
+        ));
+    }
 
     progress("cold, uffd, first restore");
     let mut s = RestoreSamples::default();
     for _ in 0..runs {
         let _ = std::fs::remove_file(&ws);
-        cold_restore(&vmm, &snap, "uffd", 1, &mut s)?;
+        cold_restore(&vmm, &snap, "uffd", 1, &mut s, None)?;
     }
     rows.push(s.row(
         "cold grove-vmm restore, first uffd restore (no working set)",
@@ -909,7 +955,7 @@ pub fn run_restore(args: &[String]) -> Result<(), String> {
 
     progress("cold, uffd, recording the working set");
     let _ = std::fs::remove_file(&ws);
-    let recorder = cold_restore(&vmm, &snap, "uffd", 1, &mut RestoreSamples::default())?;
+    let recorder = cold_restore(&vmm, &snap, "uffd", 1, &mut RestoreSamples::default(), None)?;
     let t = Instant::now();
     while !ws.exists() {
         if t.elapsed() > drv::DEADLINE {
@@ -927,7 +973,7 @@ pub fn run_restore(args: &[String]) -> Result<(), String> {
     progress("cold, uffd, recorded working set prefetched");
     let mut s = RestoreSamples::default();
     for _ in 0..runs {
-        cold_restore(&vmm, &snap, "uffd", 1, &mut s)?;
+        cold_restore(&vmm, &snap, "uffd", 1, &mut s, None)?;
     }
     rows.push(s.row(
         "cold grove-vmm restore, uffd, recorded working set prefetched",
@@ -937,19 +983,44 @@ pub fn run_restore(args: &[String]) -> Result<(), String> {
 
     progress("standby, mmap");
     let mut s = RestoreSamples::default();
+    let mut sj = RestoreSamples::default();
     for i in 0..runs {
-        let mut sb = start_standby(&vmm, mem_mib, tmp.join(&format!("sb-{i}.sock")))?;
-        let t0 = Instant::now();
-        sb.api.send(&restore_request(&snap, 1))?;
-        let at = sb.vmm.wait_first_t()?;
-        s.client.push(drv::ms_since(t0, at));
-        standby_finish(&mut sb, &mut s)?;
+        let one = |sock: PathBuf, j: Option<&drv::Jail>, out: &mut RestoreSamples| {
+            let mut sb = start_standby(&vmm, mem_mib, sock, j)?;
+            let t0 = Instant::now();
+            sb.api.send(&restore_request(&snap, 1))?;
+            let at = sb.vmm.wait_first_t()?;
+            out.client.push(drv::ms_since(t0, at));
+            standby_finish(&mut sb, out)
+        };
+        one(tmp.join(&format!("sb-{i}.sock")), None, &mut s)?;
+        if let Some(j) = &jail {
+            one(jail_socks.join(format!("sb-{i}.sock")), Some(j), &mut sj)?;
+        }
     }
     rows.push(s.row(
         "pre-started standby VMM, restore request",
         "mmap",
         "restore request received",
     ));
+    if jail.is_some() {
+        jailed_rows.push(sj.row(
+            "pre-started standby VMM through grove-jailer, restore request",
+            "mmap",
+            "restore request received",
+        ));
+    }
+    // Jailed over plain, restore call -> first T at the median: cold (the first row) and
+    // standby (the last plain row).
+    let ratios: Vec<(String, f64)> = jailed_rows
+        .iter()
+        .zip([&rows[0], &rows[rows.len() - 1]])
+        .filter_map(|(j, p)| {
+            let (jm, pm) = (j.client_ms.as_ref()?.median, p.client_ms.as_ref()?.median);
+            Some((p.path.clone(), jm / pm))
+        })
+        .collect();
+    rows.extend(jailed_rows);
 
     cond.loadavg_end = drv::loadavg();
     if json {
@@ -961,6 +1032,10 @@ pub fn run_restore(args: &[String]) -> Result<(), String> {
             "snapshot": { "kind": "full", "pages": snap_pages, "snapshot_ms": snap_ms, "working_set_pages": ws_pages },
             "to": "the guest's first T read from the VMM's stdout",
             "results": rows,
+            "jailed_over_plain_client_p50": ratios
+                .iter()
+                .map(|(k, v)| serde_json::json!({"path": k, "ratio": v}))
+                .collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?);
     } else {
@@ -979,6 +1054,11 @@ pub fn run_restore(args: &[String]) -> Result<(), String> {
             for st in &r.vmm_marks_ms {
                 println!("      mark {:<40} {}", st.step, st.ms);
             }
+        }
+        for (path, x) in &ratios {
+            println!(
+                "  through grove-jailer / plain, {path}, restore call -> first T median: {x:.2}"
+            );
         }
     }
     Ok(())
@@ -1038,6 +1118,8 @@ struct ForkSetup<'a> {
     idle_ms: u64,
     /// SIGSTOP each child at its first `T` and the parent after the fork reply.
     stop_children: bool,
+    /// `--jail`: the jail every VMM of a jailed series starts in.
+    jail: Option<drv::Jail>,
 }
 
 fn fork_series(
@@ -1046,9 +1128,28 @@ fn fork_series(
     mode: &'static str,
     standby: bool,
     runs: usize,
+    jailed: bool,
 ) -> Result<ForkRow, String> {
     let tmp = drv::TempDir::new("fork")?;
-    let mut parent = boot_guest(f.vmm, f.guest, f.cmdline, f.mem_mib, tmp.join("parent.sock"))?;
+    // Jailed: the parent writes its forks into `tmp` (its uid's), each child sees `tmp`
+    // read-only and makes its socket in `socks`; every VMM in a jail of its own.
+    let socks = drv::TempDir::new("fork-socks")?;
+    let (parent_jail, child_jail) = match (&f.jail, jailed) {
+        (Some(j), true) => {
+            drv::jail_writable_dir(&tmp.0)?;
+            drv::jail_writable_dir(&socks.0)?;
+            (Some(j.with(&[&tmp.0], &[f.guest])), Some(j.with(&[&socks.0], &[&tmp.0])))
+        }
+        _ => (None, None),
+    };
+    let mut parent = boot_guest_in(
+        f.vmm,
+        f.guest,
+        f.cmdline,
+        f.mem_mib,
+        tmp.join("parent.sock"),
+        parent_jail.as_ref(),
+    )?;
     let mut api = parent.api()?;
     let fork =
         |api: &mut drv::Api, dir: &Path| api.call(&serde_json::json!({"cmd": "fork", "dir": dir}));
@@ -1062,7 +1163,8 @@ fn fork_series(
                 standbys.push(start_standby(
                     f.vmm,
                     f.mem_mib,
-                    tmp.join(&format!("sb-{run}-{i}.sock")),
+                    socks.join(&format!("sb-{run}-{i}.sock")),
+                    child_jail.as_ref(),
                 )?);
             }
         }
@@ -1087,7 +1189,7 @@ fn fork_series(
                 let id = (i + 1).to_string();
                 let args =
                     ["restore", "--snapshot", drv::s(&dir)?, "--mem-mode", mode, "--identity", &id];
-                let c = drv::Vmm::spawn(f.vmm, &args, None, 1)?;
+                let c = drv::Vmm::spawn_in(f.vmm, &args, None, 1, child_jail.as_ref())?;
                 if f.stop_children {
                     c.stop_at_first_t();
                 }
@@ -1127,7 +1229,12 @@ fn fork_series(
     Ok(ForkRow {
         children: n,
         mem_mode: mode,
-        start: if standby { "pre-started standby VMMs" } else { "cold grove-vmm restore" },
+        start: match (standby, child_jail.is_some()) {
+            (true, false) => "pre-started standby VMMs",
+            (false, false) => "cold grove-vmm restore",
+            (true, true) => "pre-started standby VMMs, parent and children through grove-jailer",
+            (false, true) => "cold grove-vmm restore, parent and children through grove-jailer",
+        },
         runs,
         first_fork_pause_ms: drv::reply_f64(&first, "/snapshot/pause_ms")?,
         first_fork_total_ms: drv::reply_f64(&first, "/snapshot/total_ms")?,
@@ -1168,6 +1275,11 @@ pub fn run_fork(args: &[String]) -> Result<(), String> {
     let mem_mib: u64 = 256;
     let touch_mib: u64 = 64;
     let (vmm, guest) = drv::binaries()?;
+    let jail = if args.iter().any(|a| a == "--jail") {
+        Some(drv::Jail::beside(&vmm, mem_mib)?)
+    } else {
+        None
+    };
     let mut cond = drv::Conditions::now(&vmm, &guest);
     // Idle children sleep through grove-vmm's idle port between Ts, as idle Linux guests
     // halt; `--spin` keeps the test guest busy-waiting instead (every child burns a core).
@@ -1181,20 +1293,26 @@ pub fn run_fork(args: &[String]) -> Result<(), String> {
         mem_mib,
         idle_ms: 300,
         stop_children,
+        jail,
     };
+    let jail_modes: &[bool] = if setup.jail.is_some() { &[false, true] } else { &[false] };
     let mut rows = Vec::new();
     for &mode in &modes {
         let starts: &[bool] = if mode == "mmap" && !no_standby { &[false, true] } else { &[false] };
         for &standby in starts {
             for &n in &children {
                 let r = if n > MANY_CHILDREN { runs.min(1) } else { runs };
-                if !json {
-                    eprintln!(
-                        "fork: {n} children, {mode}, {} ...",
-                        if standby { "standby" } else { "cold" }
-                    );
+                // --jail: each series plain, then through grove-jailer, in the same run.
+                for &jailed in jail_modes {
+                    if !json {
+                        eprintln!(
+                            "fork: {n} children, {mode}, {}{} ...",
+                            if standby { "standby" } else { "cold" },
+                            if jailed { ", jailed" } else { "" }
+                        );
+                    }
+                    rows.push(fork_series(&setup, n, mode, standby, r, jailed)?);
                 }
-                rows.push(fork_series(&setup, n, mode, standby, r)?);
             }
         }
     }

@@ -31,6 +31,8 @@ struct Output {
     eof: bool,
     /// SIGSTOP the VMM when its first `T` arrives (see [`Vmm::stop_at_first_t`]).
     stop_at_first_t: bool,
+    /// The VMM's PID (a jailed one's is known once the jailer wrote it).
+    pid: u32,
 }
 
 struct Shared {
@@ -45,17 +47,95 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// A running grove-vmm; killed by PID (and reaped) on drop.
 pub struct Vmm {
     child: Child,
+    /// The VMM's PID (in a jail: read from the jailer's pid file; the jailer is `child`).
     pub pid: u32,
     out: Arc<Shared>,
     err: Arc<Mutex<Vec<String>>>,
     pub sock: Option<PathBuf>,
+    /// Started through grove-jailer: its pid file.
+    jail_pid_file: Option<PathBuf>,
 }
 
 impl Drop for Vmm {
     fn drop(&mut self) {
+        if let Some(pid_file) = self.jail_pid_file.take() {
+            // SIGTERM to the jailer: it SIGKILLs its VMM (PID 1 of the jail's namespace) and
+            // removes the jail's root and cgroup; SIGKILL if that takes over 5 s.
+            signal(self.child.id(), libc::SIGTERM);
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(5) {
+                if matches!(self.child.try_wait(), Ok(Some(_))) {
+                    let _ = std::fs::remove_file(pid_file);
+                    return;
+                }
+                thread::sleep(Duration::from_millis(2));
+            }
+            let _ = std::fs::remove_file(pid_file);
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The uid and gid jailed VMMs run as.
+pub const JAIL_UID: u32 = 65534;
+
+/// VMMs started through `grove-jailer` (root): uid and gid [`JAIL_UID`], a cgroup with a
+/// memory limit of the guest's size + 1 GiB, `rw` and `ro` bound at their own paths.
+#[derive(Clone, Debug)]
+pub struct Jail {
+    pub jailer: PathBuf,
+    pub rw: Vec<PathBuf>,
+    pub ro: Vec<PathBuf>,
+    pub mem_mib: u64,
+}
+
+impl Jail {
+    /// `grove-jailer` beside the VMM binary; root only.
+    pub fn beside(vmm: &Path, mem_mib: u64) -> Result<Self, String> {
+        let jailer = vmm.with_file_name("grove-jailer");
+        if !jailer.is_file() {
+            return Err(format!("--jail: no {} (cargo build --release)", jailer.display()));
+        }
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("--jail needs root (namespaces, mounts, cgroups)".into());
+        }
+        Ok(Self { jailer, rw: Vec::new(), ro: Vec::new(), mem_mib })
+    }
+
+    /// This jail with `rw` and `ro` added.
+    pub fn with(&self, rw: &[&Path], ro: &[&Path]) -> Self {
+        let mut j = self.clone();
+        j.rw.extend(rw.iter().map(|p| p.to_path_buf()));
+        j.ro.extend(ro.iter().map(|p| p.to_path_buf()));
+        j
+    }
+
+    /// `grove-jailer … -- VMM ARGS` for jail `id`, the VMM's PID to `pid_file`.
+    pub fn command(&self, vmm: &Path, args: &[&str], pid_file: &Path, id: &str) -> Command {
+        let mut cmd = Command::new(&self.jailer);
+        let uid = JAIL_UID.to_string();
+        cmd.args(["--id", id, "--uid", &uid, "--gid", &uid, "--memory-bytes"])
+            .arg(((self.mem_mib + 1024) << 20).to_string())
+            .arg("--pid-file")
+            .arg(pid_file);
+        for p in &self.rw {
+            cmd.arg("--bind").arg(p);
+        }
+        for p in &self.ro {
+            cmd.arg("--bind-ro").arg(p);
+        }
+        cmd.arg("--").arg(vmm).args(args);
+        cmd
+    }
+}
+
+/// Makes `dir` (and gives it to [`JAIL_UID`]) for a jailed VMM to write in.
+pub fn jail_writable_dir(dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+    std::os::unix::fs::chown(dir, Some(JAIL_UID), Some(JAIL_UID))
+        .map_err(|e| format!("chown {}: {e}", dir.display()))
 }
 
 /// Counts the `T`s the guest prints after a restore (every stdout byte of a restored
@@ -74,8 +154,37 @@ impl Vmm {
         sock: Option<PathBuf>,
         read_ts: usize,
     ) -> Result<Self, String> {
-        let mut child = Command::new(vmm)
-            .args(args)
+        Self::spawn_in(vmm, args, sock, read_ts, None)
+    }
+
+    /// [`Self::spawn`], through grove-jailer when `jail` is given (the returned `pid` is then
+    /// the VMM's, from the jailer's pid file; the output timestamps are the reader threads',
+    /// so waiting for that file here does not move them).
+    pub fn spawn_in(
+        vmm: &Path,
+        args: &[&str],
+        sock: Option<PathBuf>,
+        read_ts: usize,
+        jail: Option<&Jail>,
+    ) -> Result<Self, String> {
+        static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let mut jail_pid_file = None;
+        let mut cmd = match jail {
+            None => Command::new(vmm),
+            Some(j) => {
+                let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let id = format!("bench-{}-{n}", std::process::id());
+                let pid_file = std::env::temp_dir().join(format!("grove-{id}.pid"));
+                let _ = std::fs::remove_file(&pid_file);
+                let cmd = j.command(vmm, args, &pid_file, &id);
+                jail_pid_file = Some(pid_file);
+                cmd
+            }
+        };
+        if jail.is_none() {
+            cmd.args(args);
+        }
+        let mut child = cmd
             .env("GROVE_VMM_TIMING", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -83,7 +192,10 @@ impl Vmm {
             .spawn()
             .map_err(|e| format!("spawn {}: {e}", vmm.display()))?;
         let pid = child.id();
-        let out = Arc::new(Shared { out: Mutex::new(Output::default()), cv: Condvar::new() });
+        let out = Arc::new(Shared {
+            out: Mutex::new(Output { pid, ..Output::default() }),
+            cv: Condvar::new(),
+        });
         let err = Arc::new(Mutex::new(Vec::new()));
         let mut stdout = child.stdout.take().ok_or("no stdout pipe")?;
         let stderr = child.stderr.take().ok_or("no stderr pipe")?;
@@ -113,7 +225,7 @@ impl Vmm {
                 if ts > 0 && g.first_t.is_none() {
                     g.first_t = Some(at);
                     if g.stop_at_first_t {
-                        signal(pid, libc::SIGSTOP);
+                        signal(g.pid, libc::SIGSTOP);
                     }
                 }
                 g.ts += ts;
@@ -132,7 +244,31 @@ impl Vmm {
                 lock(&e).push(line);
             }
         });
-        Ok(Self { child, pid, out, err, sock })
+        let mut v = Self { child, pid, out, err, sock, jail_pid_file };
+        if let Some(f) = v.jail_pid_file.clone() {
+            v.pid = v.read_pid_file(&f)?;
+            lock(&v.out.out).pid = v.pid;
+        }
+        Ok(v)
+    }
+
+    /// The VMM's host PID from a jailer's pid file, once written.
+    fn read_pid_file(&mut self, f: &Path) -> Result<u32, String> {
+        let t = Instant::now();
+        loop {
+            if let Some(p) =
+                std::fs::read_to_string(f).ok().and_then(|s| s.trim().parse::<u32>().ok())
+            {
+                return Ok(p);
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Err(format!("grove-jailer exited ({st}): {}", self.stderr().join(" | ")));
+            }
+            if t.elapsed() > DEADLINE {
+                return Err(format!("no pid in {} from grove-jailer", f.display()));
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Waits until `pred` holds on (stdout text, T count); error with the output at the
@@ -239,11 +375,14 @@ impl Vmm {
     }
 }
 
-/// Sends `sig` to a VMM this process started (by its PID, while its `Child` is unreaped).
+/// Sends `sig` to a VMM this process started (by its PID, while its `Child` is unreaped;
+/// a jailed VMM is the child of its jailer, our unreaped child, which reaps it only as it
+/// exits itself).
 fn signal(pid: u32, sig: libc::c_int) {
     if let Ok(p) = libc::pid_t::try_from(pid) {
         // SAFETY: kill(2) has no memory effects; `p` is the PID of our own unreaped child
-        // (the guard reaps it only after killing it), so it cannot name another process.
+        // (the guard reaps it only after killing it), or of a jailed VMM whose jailer is
+        // that child and reaps it only on its way out, so it cannot name another process.
         unsafe { libc::kill(p, sig) };
     }
 }

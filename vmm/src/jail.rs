@@ -181,9 +181,17 @@ impl Cgroup {
             Cgroup::V2(dir) => {
                 let parent = dir.parent().unwrap_or(dir);
                 fs::create_dir_all(parent).map_err(os(format!("mkdir {}", parent.display())))?;
-                // The controllers must be enabled for the parent's children (best effort on
-                // the levels above: a host may have done it).
-                let _ = write_file(&parent.join("cgroup.subtree_control"), "+memory +cpu +pids");
+                // The controllers must be enabled in every level from the hierarchy's root
+                // down to the parent (a systemd host has done the root; a bare one, like the
+                // test host, has not). Best effort: a level that refuses shows up as a
+                // missing limit file below, a clear error.
+                let levels: Vec<&Path> = parent
+                    .ancestors()
+                    .take_while(|a| a.join("cgroup.controllers").exists())
+                    .collect();
+                for level in levels.iter().rev() {
+                    let _ = write_file(&level.join("cgroup.subtree_control"), "+memory +cpu +pids");
+                }
                 fs::create_dir(dir).map_err(os(format!("mkdir {}", dir.display())))?;
                 if let Some(m) = limits.memory_bytes {
                     write_file(&dir.join("memory.max"), &m.to_string())?;
@@ -661,6 +669,32 @@ mod tests {
         );
         fs::write(t.path().join("cgroup.controllers"), "cpu memory pids").unwrap();
         assert_eq!(pick_cgroup(t.path(), "grove", "a"), Cgroup::V2(t.path().join("grove/a")));
+    }
+
+    #[test]
+    fn v2_controllers_are_enabled_from_the_root_down() {
+        // A bare v2 host (no systemd): the root's subtree_control is empty, so the grove
+        // parent's children would get no memory.max unless every level enables them.
+        let t = tempfile::tempdir().unwrap();
+        fs::write(t.path().join("cgroup.controllers"), "cpu memory pids").unwrap();
+        fs::write(t.path().join("cgroup.subtree_control"), "").unwrap();
+        let cg = pick_cgroup(t.path(), "grove", "a");
+        let Cgroup::V2(dir) = &cg else { panic!("{cg:?}") };
+        let parent = dir.parent().unwrap();
+        fs::create_dir_all(parent).unwrap();
+        fs::write(parent.join("cgroup.controllers"), "cpu memory pids").unwrap();
+        fs::write(parent.join("cgroup.subtree_control"), "").unwrap();
+        // A regular directory has no limit files: the first limit is the error, after the
+        // controllers were enabled at both levels.
+        let l = Limits { memory_bytes: Some(1 << 28), ..Limits::default() };
+        let e = cg.create(&l, 4242).unwrap_err();
+        assert!(e.to_string().contains("memory.max"), "{e}");
+        for level in [t.path(), parent] {
+            let got = fs::read_to_string(level.join("cgroup.subtree_control")).unwrap();
+            assert_eq!(got, "+memory +cpu +pids", "{}", level.display());
+        }
+        // Above the hierarchy's root (no cgroup.controllers) nothing is written.
+        assert!(!t.path().parent().unwrap().join("cgroup.subtree_control").exists());
     }
 
     #[test]

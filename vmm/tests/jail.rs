@@ -180,12 +180,20 @@ fn assert_jailed(pid: u32, jail: &Jail, only: &[&Path], not: &[&Path]) {
     let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     let want = format!("/{CGROUP_PARENT}/{}", jail.id);
     assert!(cg.lines().any(|l| l.ends_with(&want)), "not in {want}:\n{cg}");
-    let limit = jail.cgroup_dirs().iter().find_map(|d| {
-        std::fs::read_to_string(d.join("memory.limit_in_bytes"))
-            .or_else(|_| std::fs::read_to_string(d.join("memory.max")))
-            .ok()
-    });
-    assert_eq!(limit.as_deref().map(str::trim), Some(MEMORY.to_string().as_str()));
+    // v1 names its files per controller, v2 its own way; whichever the host has.
+    let limit = |v1: &str, v2: &str| {
+        jail.cgroup_dirs().iter().find_map(|d| {
+            std::fs::read_to_string(d.join(v1))
+                .or_else(|_| std::fs::read_to_string(d.join(v2)))
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+    };
+    let memory = limit("memory.limit_in_bytes", "memory.max");
+    assert_eq!(memory.as_deref(), Some(MEMORY.to_string().as_str()));
+    assert_eq!(limit("pids.max", "pids.max").as_deref(), Some("64"));
+    let cpu = limit("cpu.cfs_quota_us", "cpu.max");
+    assert!(matches!(cpu.as_deref(), Some("100000" | "100000 100000")), "cpu limit {cpu:?}");
 }
 
 #[test]
