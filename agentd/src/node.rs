@@ -136,6 +136,50 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
+/// Parent and children of every sandbox that exists (children sorted by id).
+#[derive(Default)]
+struct Lineage {
+    children: HashMap<String, Vec<String>>,
+    parent: HashMap<String, String>,
+}
+
+impl Lineage {
+    /// Every descendant of `id`, nearest first (breadth first).
+    fn descendants(&self, id: &str) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        let mut i = 0;
+        let mut next = self.children.get(id).cloned().unwrap_or_default();
+        out.append(&mut next);
+        while i < out.len() {
+            if let Some(c) = self.children.get(&out[i]) {
+                out.extend(c.iter().cloned());
+            }
+            i += 1;
+        }
+        out
+    }
+
+    /// Its parent, the parent's parent, … while they exist.
+    fn ancestors(&self, id: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut cur = self.parent.get(id);
+        while let Some(p) = cur.filter(|p| !p.is_empty() && self.parent.contains_key(*p)) {
+            if out.len() > self.parent.len() {
+                break; // a cycle cannot be recorded; bounded all the same
+            }
+            out.push(p.clone());
+            cur = self.parent.get(p);
+        }
+        out
+    }
+
+    fn fill(&self, mut s: pb::Sandbox) -> pb::Sandbox {
+        s.children = self.children.get(&s.id).cloned().unwrap_or_default();
+        s.ancestors = self.ancestors(&s.id);
+        s
+    }
+}
+
 /// The VMM connection of a sandbox; its mutex serialises operations on the sandbox.
 #[derive(Default)]
 struct Slot {
@@ -397,6 +441,9 @@ impl Node {
             vmm_pid: r.pid,
             disk_layer: r.disk_layer.unwrap_or(0),
             disk_attached: r.disk_layer.is_some(),
+            // Filled by Get and List (`Lineage::fill`).
+            children: Vec::new(),
+            ancestors: Vec::new(),
         }
     }
 
@@ -582,16 +629,21 @@ impl Node {
     /// Watches a sandbox's VMM: when it exits, the sandbox becomes Stopped or Failed.
     fn watch_exit(self: &Arc<Self>, id: String, proc: VmmProc) {
         let node = Arc::downgrade(self);
+        let vid = proc.vid.clone();
         tokio::spawn(async move {
             let info = proc.wait().await;
             if let Some(node) = node.upgrade() {
-                node.on_exit(&id, info).await;
+                node.on_exit(&id, &vid, info).await;
             }
         });
     }
 
-    async fn on_exit(&self, id: &str, info: ExitInfo) {
+    async fn on_exit(&self, id: &str, vid: &str, info: ExitInfo) {
         let Some(e) = lock(&self.sandboxes).get(id).cloned() else { return };
+        // A VMM the record no longer names (replaced by a rewind) ends nothing.
+        if lock(&e.rec).vmm != vid {
+            return;
+        }
         e.exited.send_replace(true);
         if lock(&e.rec).deleting {
             return;
@@ -1441,9 +1493,214 @@ impl Node {
         self.emit(pb::EventKind::Deleted, &rec);
     }
 
-    /// One sandbox.
+    /// One sandbox, with its lineage.
     pub fn get(&self, id: &str) -> Result<pb::Sandbox> {
-        Ok(self.to_pb(&self.entry(id)?.rec()))
+        let rec = self.entry(id)?.rec();
+        Ok(self.lineage().fill(self.to_pb(&rec)))
+    }
+
+    // ------------------------------------------------------------ lineage
+
+    /// Who was forked from whom, among the sandboxes that exist now.
+    fn lineage(&self) -> Lineage {
+        let mut l = Lineage::default();
+        for (id, e) in lock(&self.sandboxes).iter() {
+            let parent = lock(&e.rec).parent.clone();
+            if !parent.is_empty() {
+                l.children.entry(parent.clone()).or_default().push(id.clone());
+            }
+            l.parent.insert(id.clone(), parent);
+        }
+        l
+    }
+
+    /// Deletes a sandbox, and with `subtree` every descendant first (deepest first).
+    /// Returns the ids deleted; one deleted meanwhile (a TTL) is passed over.
+    pub async fn delete_tree(&self, id: &str, subtree: bool) -> Result<Vec<String>> {
+        self.entry(id)?;
+        let mut order = if subtree { self.lineage().descendants(id) } else { Vec::new() };
+        order.reverse();
+        order.push(id.to_string());
+        let mut deleted = Vec::with_capacity(order.len());
+        for d in order {
+            match self.delete(&d).await {
+                Ok(()) => deleted.push(d),
+                Err(AgentError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Keeps `id` and deletes its siblings (the other children of its parent) with their
+    /// subtrees.
+    pub async fn keep(&self, id: &str) -> Result<Vec<String>> {
+        self.check_open()?;
+        let rec = self.entry(id)?.rec();
+        if rec.parent.is_empty() {
+            return Err(AgentError::FailedPrecondition(format!(
+                "sandbox {id} has no parent: it has no siblings to delete"
+            )));
+        }
+        let siblings: Vec<String> = self
+            .lineage()
+            .children
+            .remove(&rec.parent)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|c| c != id)
+            .collect();
+        let mut deleted = Vec::new();
+        for s in siblings {
+            deleted.extend(self.delete_tree(&s, true).await?);
+        }
+        Ok(deleted)
+    }
+
+    /// Sets (0: clears) the TTL of a sandbox, and with `subtree` of its descendants.
+    pub async fn set_ttl(&self, req: &pb::SetTtlRequest) -> Result<Vec<pb::Sandbox>> {
+        self.check_open()?;
+        validate::ttl(req.ttl_seconds)?;
+        self.entry(&req.id)?;
+        let mut ids = vec![req.id.clone()];
+        if req.subtree {
+            ids.extend(self.lineage().descendants(&req.id));
+        }
+        let expires = match req.ttl_seconds {
+            0 => 0,
+            s => now_ms() + u64::from(s) * 1000,
+        };
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Ok(e) = self.entry(&id) else { continue };
+            let _slot = e.op.lock().await;
+            if lock(&e.rec).deleting {
+                continue;
+            }
+            let rec = self.persist(&e, |r| r.expires_unix_ms = expires)?;
+            out.push(self.to_pb(&rec));
+        }
+        Ok(out)
+    }
+
+    /// Whether `snap` is in the history of sandbox `rec`: taken of it, the snapshot it was
+    /// created or last rewound from, or an ancestor (parent chain) of either.
+    fn in_history(&self, rec: &SandboxRecord, snap: &SnapshotRecord) -> Result<bool> {
+        if snap.sandbox == rec.id {
+            return Ok(true);
+        }
+        let mut starts: Vec<SnapshotId> = rec.from_snapshot.into_iter().collect();
+        starts.extend(
+            blocking(|| self.catalog.snapshots())?
+                .iter()
+                .filter(|s| s.sandbox == rec.id)
+                .map(|s| s.id),
+        );
+        for start in starts {
+            let mut cur = Some(start);
+            // Bounded: a chain is as long as the snapshots that exist.
+            for _ in 0..=4096 {
+                let Some(c) = cur else { break };
+                if c == snap.id {
+                    return Ok(true);
+                }
+                cur = self.catalog.snapshot(c).ok().and_then(|s| s.parent);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Restores a sandbox in place to an earlier snapshot of its history: a new VMM (a
+    /// standby one if the pool has one) restored with the sandbox's identity replaces the
+    /// old one. The record names the new VMM before the old one is killed, so a crash in
+    /// between leaves one VMM no record names, which recovery kills.
+    pub async fn rewind(self: &Arc<Self>, req: &pb::RewindRequest) -> Result<pb::Sandbox> {
+        self.check_open()?;
+        let e = self.entry(&req.id)?;
+        let snap = self
+            .catalog
+            .snapshot(req.snapshot_id)
+            .map_err(|_| AgentError::NotFound(format!("snapshot {}", req.snapshot_id)))?;
+        let mut slot = e.op.lock().await;
+        let rec = e.rec();
+        let st = State::parse(&rec.state);
+        if rec.deleting || !matches!(st, State::Running | State::Paused) {
+            return Err(AgentError::FailedPrecondition(format!(
+                "sandbox {} is {}: rewind needs running or paused",
+                rec.id,
+                if rec.deleting { "being deleted" } else { st.as_str() }
+            )));
+        }
+        if !self.in_history(&rec, &snap)? {
+            return Err(AgentError::FailedPrecondition(format!(
+                "snapshot {} is not in sandbox {}'s history",
+                snap.id, rec.id
+            )));
+        }
+        if (snap.vcpus, snap.mem_mib) != (rec.vcpus, rec.mem_mib) {
+            return Err(AgentError::FailedPrecondition(format!(
+                "snapshot {} has another shape than sandbox {}",
+                snap.id, rec.id
+            )));
+        }
+        let started = Instant::now();
+        let shape = Shape { vcpus: rec.vcpus, mem_mib: rec.mem_mib };
+        let (proc, conn) = self
+            .restore_vmm(shape, &self.layout.snapshot(snap.id), rec.identity, "rewind", started)
+            .await?;
+        failpoint!("agentd::rewind::restored");
+        let new = match self.persist(&e, |r| {
+            r.vmm = proc.vid.clone();
+            r.pid = proc.pid;
+            r.state = State::Running.as_str().into();
+            r.reason.clear();
+            r.from_snapshot = Some(snap.id);
+            r.last_snapshot = Some(snap.id);
+            r.memory_layer = snap.memory_layer;
+            r.disk_layer = snap.disk_layers.first().copied();
+        }) {
+            Ok(r) => r,
+            Err(err) => {
+                self.discard_vmm(&proc);
+                return Err(err);
+            }
+        };
+        failpoint!("agentd::rewind::committed");
+        let old = std::mem::replace(&mut *lock(&e.killer), proc.killer());
+        slot.conn = Some(conn);
+        old.kill();
+        // Its files go now (unlinking what a dying process holds is fine); its exit is
+        // ignored (the record names the new VMM).
+        if !rec.vmm.is_empty() {
+            let _ = std::fs::remove_dir_all(self.layout.vmm(&rec.vmm));
+        }
+        self.watch_exit(new.id.clone(), proc);
+        drop(slot);
+        self.gc_snapshots();
+        tracing::info!(sandbox = %new.id, snapshot = snap.id, ms = started.elapsed().as_secs_f64() * 1000.0, "rewound");
+        Ok(self.lineage().fill(self.to_pb(&new)))
+    }
+
+    /// A VMM restored from `dir` with `identity`: a standby one of `shape` when the pool has
+    /// one (a standby that fails is dropped), else a new `grove-vmm restore`.
+    async fn restore_vmm(
+        &self,
+        shape: Shape,
+        dir: &Path,
+        identity: u32,
+        source: &'static str,
+        started: Instant,
+    ) -> Result<(VmmProc, VmmConn)> {
+        if let Some(Standby { proc, mut conn }) = self.take_standby(shape) {
+            match conn.restore(dir, identity).await {
+                Ok(_) => {
+                    self.observe_restore(source, "standby", started);
+                    return Ok((proc, conn));
+                }
+                Err(e) => self.drop_failed_standby(&proc, &e),
+            }
+        }
+        self.start_cold_restore(dir, identity, source, started).await
     }
 
     /// Sandboxes matching every label and any of the states, from `after` on.
@@ -1464,6 +1721,7 @@ impl Node {
                 .map_err(|_| AgentError::InvalidArgument(format!("unknown state {s}")))?;
             states.push(st);
         }
+        let lineage = self.lineage();
         let map = lock(&self.sandboxes);
         let mut out = Vec::new();
         let mut next = String::new();
@@ -1488,7 +1746,7 @@ impl Node {
                 break;
             }
             let _ = id;
-            out.push(self.to_pb(&r));
+            out.push(lineage.fill(self.to_pb(&r)));
         }
         Ok(pb::ListResponse { sandboxes: out, next_page_token: next })
     }

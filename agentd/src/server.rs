@@ -74,9 +74,37 @@ impl SandboxService for Api {
         &self,
         r: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let r = r.into_inner();
+        self.run("Delete", async {
+            let deleted = self.node.delete_tree(&r.id, r.subtree).await?;
+            Ok(pb::DeleteResponse { deleted })
+        })
+        .await
+    }
+
+    async fn keep(
+        &self,
+        r: Request<pb::KeepRequest>,
+    ) -> Result<Response<pb::KeepResponse>, Status> {
         let id = r.into_inner().id;
-        self.run("Delete", async { self.node.delete(&id).await.map(|()| pb::DeleteResponse {}) })
+        self.run("Keep", async { Ok(pb::KeepResponse { deleted: self.node.keep(&id).await? }) })
             .await
+    }
+
+    async fn set_ttl(
+        &self,
+        r: Request<pb::SetTtlRequest>,
+    ) -> Result<Response<pb::SetTtlResponse>, Status> {
+        let r = r.into_inner();
+        self.run("SetTtl", async {
+            Ok(pb::SetTtlResponse { sandboxes: self.node.set_ttl(&r).await? })
+        })
+        .await
+    }
+
+    async fn rewind(&self, r: Request<pb::RewindRequest>) -> Result<Response<pb::Sandbox>, Status> {
+        let r = r.into_inner();
+        self.run("Rewind", self.node.rewind(&r)).await
     }
 
     async fn pause(&self, r: Request<pb::PauseRequest>) -> Result<Response<pb::Sandbox>, Status> {

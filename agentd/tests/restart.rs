@@ -109,7 +109,7 @@ async fn kill9_restart_adopts_running_vmms_and_fails_dead_ones() {
     assert!(agent.log_text().contains("recovery: standby VMM adopted"), "{}", agent.log_text());
     assert_no_strays(&agent, &mut c).await;
     for id in ids(&mut c).await {
-        c.sandbox.delete(pb::DeleteRequest { id }).await.unwrap();
+        c.sandbox.delete(pb::DeleteRequest { id, subtree: false }).await.unwrap();
     }
     assert!(ids(&mut c).await.is_empty());
     assert!(!alive(a.vmm_pid));
@@ -241,7 +241,7 @@ async fn kill_in_the_middle_of_a_create_or_a_delete() {
     let o = get(&mut c, &other).await;
     assert_eq!(o.state(), pb::SandboxState::Running);
     assert!(alive(o.vmm_pid), "the adopted sandbox's VMM runs");
-    c.sandbox.delete(pb::DeleteRequest { id: other }).await.unwrap();
+    c.sandbox.delete(pb::DeleteRequest { id: other, subtree: false }).await.unwrap();
     assert_eq!(ids(&mut c).await, vec![keep.id.clone()]);
     assert_no_strays(&agent, &mut c).await;
 
@@ -249,13 +249,56 @@ async fn kill_in_the_middle_of_a_create_or_a_delete() {
     let gone = c.sandbox.create(create_req("tg")).await.unwrap().into_inner();
     let id = gone.id.clone();
     kill_at(&mut agent, "agentd::delete::after_mark", "recovery done", move |mut c| async move {
-        let _ = c.sandbox.delete(pb::DeleteRequest { id }).await;
+        let _ = c.sandbox.delete(pb::DeleteRequest { id, subtree: false }).await;
     })
     .await;
     let mut c = agent.clients().await;
     assert_eq!(ids(&mut c).await, vec![keep.id.clone()]);
     assert!(!alive(gone.vmm_pid), "the deleted sandbox's VMM is gone");
     assert_eq!(get(&mut c, &keep.id).await.state(), pb::SandboxState::Running);
+    assert_no_strays(&agent, &mut c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(feature = "failpoints"), ignore = "needs --features failpoints")]
+async fn kill_in_the_middle_of_a_rewind_keeps_one_vmm() {
+    if !kvm_available() {
+        return;
+    }
+    let mut agent = Agent::start(2, &[]);
+    let mut c = agent.clients().await;
+    warm_test_guest(&mut c, "tg", FORK_CMDLINE, 64).await;
+    let s = c.sandbox.create(create_req("tg")).await.unwrap().into_inner();
+    let cp = c
+        .sandbox
+        .snapshot(pb::SnapshotRequest { id: s.id.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    let rewind = |id: String| {
+        move |mut c: grove_agentd::client::Clients| async move {
+            let _ = c.sandbox.rewind(pb::RewindRequest { id, snapshot_id: cp.id }).await;
+        }
+    };
+
+    // Killed once the new VMM restored, before the record names it: the sandbox keeps its
+    // old VMM; the new one is killed.
+    kill_at(&mut agent, "agentd::rewind::restored", "recovery done", rewind(s.id.clone())).await;
+    let mut c = agent.clients().await;
+    let g = get(&mut c, &s.id).await;
+    assert_eq!((g.state(), g.vmm_pid), (pb::SandboxState::Running, s.vmm_pid));
+    assert_no_strays(&agent, &mut c).await;
+
+    // Killed after the record names the new VMM, before the old one is stopped: the
+    // sandbox runs on the new VMM; the old one is killed.
+    kill_at(&mut agent, "agentd::rewind::committed", "recovery done", rewind(s.id.clone())).await;
+    let mut c = agent.clients().await;
+    let g = get(&mut c, &s.id).await;
+    assert_eq!(g.state(), pb::SandboxState::Running);
+    assert_ne!(g.vmm_pid, s.vmm_pid);
+    assert_eq!(g.from_snapshot, cp.id);
+    assert!(alive(g.vmm_pid));
+    wait_until("the old VMM to be killed", || !alive(s.vmm_pid)).await;
     assert_no_strays(&agent, &mut c).await;
 }
 

@@ -256,7 +256,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
             let t = Instant::now();
             let sbx = c.sandbox.create(create_req()).await.map_err(st("create"))?.into_inner();
             api.push(t.elapsed().as_secs_f64() * 1e3);
-            c.sandbox.delete(pb::DeleteRequest { id: sbx.id }).await.map_err(st("delete"))?;
+            c.sandbox
+                .delete(pb::DeleteRequest { id: sbx.id, subtree: false })
+                .await
+                .map_err(st("delete"))?;
         }
         let create_direct = Summary::of("ms", &direct);
         let create_api = Summary::of("ms", &api);
@@ -338,11 +341,17 @@ pub fn run(args: &[String]) -> Result<(), String> {
                 .into_inner();
             fapi.push(t.elapsed().as_secs_f64() * 1e3);
             for ch in r.children {
-                c.sandbox.delete(pb::DeleteRequest { id: ch.id }).await.map_err(st("delete"))?;
+                c.sandbox
+                    .delete(pb::DeleteRequest { id: ch.id, subtree: false })
+                    .await
+                    .map_err(st("delete"))?;
             }
         }
         drop(pvmm);
-        c.sandbox.delete(pb::DeleteRequest { id: parent.id }).await.map_err(st("delete"))?;
+        c.sandbox
+            .delete(pb::DeleteRequest { id: parent.id, subtree: false })
+            .await
+            .map_err(st("delete"))?;
 
         // --- sustained create + delete.
         wait_pool_full(&mut c).await?;
@@ -363,7 +372,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
                     let s =
                         c.sandbox.create(create_req()).await.map_err(st("create"))?.into_inner();
                     lat.push(t.elapsed().as_secs_f64() * 1e3);
-                    c.sandbox.delete(pb::DeleteRequest { id: s.id }).await.map_err(st("delete"))?;
+                    c.sandbox
+                        .delete(pb::DeleteRequest { id: s.id, subtree: false })
+                        .await
+                        .map_err(st("delete"))?;
                 }
                 Ok::<_, String>(lat)
             }));

@@ -79,7 +79,24 @@ enum Cmd {
     Rm {
         #[arg(required = true)]
         ids: Vec<String>,
+        /// Also every descendant (prints the ids deleted).
+        #[arg(long)]
+        subtree: bool,
     },
+    /// Show a sandbox's fork tree below it (and its ancestors).
+    Tree { id: String },
+    /// Keep one child of a fork and delete its siblings with their subtrees; prints the ids
+    /// deleted.
+    Keep { id: String },
+    /// Set the TTL (seconds from now; 0 clears it) of a sandbox, or of its whole subtree.
+    Ttl {
+        id: String,
+        seconds: u32,
+        #[arg(long)]
+        subtree: bool,
+    },
+    /// Restore a sandbox in place to an earlier snapshot of its history.
+    Rewind { id: String, snapshot: u64 },
     /// Fork a running sandbox into N children; prints their ids.
     Fork {
         id: String,
@@ -200,6 +217,7 @@ fn sandbox_json(s: &pb::Sandbox) -> Value {
         "vcpus": s.vcpus, "memory_mib": s.memory_mib, "created_unix_ms": s.created_unix_ms,
         "expires_unix_ms": s.expires_unix_ms, "identity": s.identity, "vmm_pid": s.vmm_pid,
         "disk_layer": s.disk_layer, "disk_attached": s.disk_attached,
+        "children": s.children, "ancestors": s.ancestors,
     })
 }
 
@@ -276,6 +294,67 @@ fn print_sandbox(json_out: bool, s: &pb::Sandbox) {
         println!("{}", sandbox_json(s));
     } else {
         table(&SANDBOX_HEAD, &[sandbox_row(s)]);
+    }
+}
+
+fn print_ids(json_out: bool, show: bool, ids: &[String]) {
+    if json_out {
+        println!("{}", json!({ "deleted": ids }));
+    } else if show {
+        for id in ids {
+            println!("{id}");
+        }
+    }
+}
+
+/// A sandbox and the subtrees of its children.
+struct Tree {
+    node: pb::Sandbox,
+    children: Vec<Tree>,
+}
+
+/// Fetches the tree below `root` (Get per descendant; one gone meanwhile is left out).
+async fn subtree(c: &mut Clients, root: pb::Sandbox) -> Result<Tree, tonic::Status> {
+    let mut out = Tree { node: root, children: Vec::new() };
+    // Depth first with an explicit stack of paths into `out`.
+    let mut stack: Vec<Vec<usize>> = vec![Vec::new()];
+    while let Some(path) = stack.pop() {
+        let mut at = &mut out;
+        for &i in &path {
+            at = &mut at.children[i];
+        }
+        for id in at.node.children.clone() {
+            match c.sandbox.get(pb::GetRequest { id }).await {
+                Ok(s) => {
+                    at.children.push(Tree { node: s.into_inner(), children: Vec::new() });
+                    let mut p = path.clone();
+                    p.push(at.children.len() - 1);
+                    stack.push(p);
+                }
+                Err(e) if e.code() == tonic::Code::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn tree_json(t: &Tree) -> Value {
+    let mut v = sandbox_json(&t.node);
+    v["subtree"] = Value::Array(t.children.iter().map(tree_json).collect());
+    v
+}
+
+fn print_tree(t: &Tree, first: &str, rest: &str) {
+    let s = &t.node;
+    let pid = if s.vmm_pid == 0 { "-".to_string() } else { s.vmm_pid.to_string() };
+    let line =
+        format!("{first}{} {} pid {pid} {}", s.id, state_name(s.state), labels_text(&s.labels));
+    println!("{}", line.trim_end());
+    for (i, ch) in t.children.iter().enumerate() {
+        let last = i + 1 == t.children.len();
+        let (f, r) = if last { ("└─ ", "   ") } else { ("├─ ", "│  ") };
+        print_tree(ch, &format!("{rest}{f}"), &format!("{rest}{r}"));
     }
 }
 
@@ -501,10 +580,47 @@ async fn run(cli: Cli) -> Result<(), String> {
                 println!("{}", s.id);
             }
         }
-        Cmd::Rm { ids } => {
+        Cmd::Rm { ids, subtree } => {
+            let mut deleted = Vec::new();
             for id in ids {
-                c.sandbox.delete(pb::DeleteRequest { id }).await.map_err(st)?;
+                let r = c.sandbox.delete(pb::DeleteRequest { id, subtree }).await.map_err(st)?;
+                deleted.extend(r.into_inner().deleted);
             }
+            print_ids(j, subtree, &deleted);
+        }
+        Cmd::Tree { id } => {
+            let root = c.sandbox.get(pb::GetRequest { id }).await.map_err(st)?.into_inner();
+            let tree = subtree(&mut c, root).await.map_err(st)?;
+            if j {
+                println!("{}", tree_json(&tree));
+            } else {
+                if !tree.node.ancestors.is_empty() {
+                    println!("ancestors: {}", tree.node.ancestors.join(" <- "));
+                }
+                print_tree(&tree, "", "");
+            }
+        }
+        Cmd::Keep { id } => {
+            let r = c.sandbox.keep(pb::KeepRequest { id }).await.map_err(st)?.into_inner();
+            print_ids(j, true, &r.deleted);
+        }
+        Cmd::Ttl { id, seconds, subtree } => {
+            let r = c
+                .sandbox
+                .set_ttl(pb::SetTtlRequest { id, ttl_seconds: seconds, subtree })
+                .await
+                .map_err(st)?
+                .into_inner();
+            print_sandboxes(j, &r.sandboxes);
+        }
+        Cmd::Rewind { id, snapshot } => {
+            let s = c
+                .sandbox
+                .rewind(pb::RewindRequest { id, snapshot_id: snapshot })
+                .await
+                .map_err(st)?
+                .into_inner();
+            print_sandbox(j, &s);
         }
         Cmd::Fork { id, count, labels: l } => {
             let r = c
