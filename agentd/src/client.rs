@@ -60,6 +60,8 @@ pub struct Clients {
     pub template: pb::template_service_client::TemplateServiceClient<AuthChannel>,
     /// NodeService.
     pub node: pb::node_service_client::NodeServiceClient<AuthChannel>,
+    /// ProcessService.
+    pub process: pb::process_service_client::ProcessServiceClient<AuthChannel>,
     /// The raw channel (health, reflection).
     pub channel: Channel,
 }
@@ -137,6 +139,10 @@ pub async fn connect(endpoint: &str, token: Option<&str>) -> Result<Clients, Cli
             bearer.clone(),
         ),
         template: pb::template_service_client::TemplateServiceClient::with_interceptor(
+            ch.clone(),
+            bearer.clone(),
+        ),
+        process: pb::process_service_client::ProcessServiceClient::with_interceptor(
             ch.clone(),
             bearer.clone(),
         ),

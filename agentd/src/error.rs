@@ -38,6 +38,15 @@ pub enum AgentError {
         #[source]
         source: ClientError,
     },
+    /// A guest's agent refused or failed a request (or could not be reached).
+    #[error("guest agent: {what}")]
+    Guest {
+        /// What was asked.
+        what: String,
+        /// The guest client's error.
+        #[source]
+        source: grove_proto::client::ClientError,
+    },
     /// The catalog failed.
     #[error("catalog")]
     Catalog(#[from] CatalogError),
@@ -94,6 +103,23 @@ impl AgentError {
                 Some(ErrorCode::Corrupt) => Code::DataLoss,
                 Some(ErrorCode::Internal) | None => Code::Internal,
             },
+            AgentError::Guest { source, .. } => {
+                use grove_proto::client::ClientError as G;
+                use grove_proto::guest::ErrorCode as E;
+                match source {
+                    G::Guest { code, .. } => match code {
+                        E::NotFound => Code::NotFound,
+                        E::PermissionDenied | E::OutsideRoot => Code::PermissionDenied,
+                        E::AlreadyExists => Code::AlreadyExists,
+                        E::BadRequest | E::NotADirectory | E::IsADirectory => Code::InvalidArgument,
+                        E::Limit => Code::ResourceExhausted,
+                        E::SpawnFailed | E::Unsupported => Code::FailedPrecondition,
+                        _ => Code::Internal,
+                    },
+                    G::Gone(_) | G::Deadline { .. } | G::Timeout => Code::Unavailable,
+                    _ => Code::Internal,
+                }
+            }
             AgentError::Catalog(CatalogError::NotFound(_)) => Code::NotFound,
             AgentError::Catalog(CatalogError::Exists(_)) => Code::AlreadyExists,
             AgentError::Catalog(CatalogError::InUse(_)) => Code::FailedPrecondition,

@@ -7,7 +7,7 @@
 //! DATA/layers/             block-store layer files (L<id>.data, L<id>.idx)
 //! DATA/templates/NAME/     kernel (and initrd) copied at registration
 //! DATA/snapshots/ID/       vmstate + NNNN.mlayer memory layers of snapshot ID
-//! DATA/vmm/VID/            one VMM: api.sock, serial.log, vmm.log, pid
+//! DATA/vmm/VID/            one VMM: api.sock, serial.log, vmm.log, pid, vsock.sock (agent)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -71,6 +71,10 @@ impl Layout {
     pub fn vmm_sock(&self, vid: &str) -> PathBuf {
         self.vmm(vid).join("api.sock")
     }
+    /// A VMM's vsock socket (guests with an agent): `CONNECT 1024` reaches guest-init.
+    pub fn vmm_vsock(&self, vid: &str) -> PathBuf {
+        self.vmm(vid).join("vsock.sock")
+    }
     /// A VMM's guest serial output.
     pub fn vmm_serial(&self, vid: &str) -> PathBuf {
         self.vmm(vid).join("serial.log")
@@ -94,7 +98,9 @@ impl Layout {
 
     /// Whether VMM sockets fit in `sun_path` under this root.
     pub fn check_socket_room(&self) -> Result<(), String> {
-        let longest = self.vmm_sock("v0123456789abcdef");
+        // The vsock socket's per-port listeners (`vsock.sock_PORT`) are the longest.
+        let longest =
+            PathBuf::from(format!("{}_4294967295", self.vmm_vsock("v0123456789abcdef").display()));
         let n = longest.as_os_str().len();
         if n > MAX_SOCKET_PATH {
             return Err(format!(

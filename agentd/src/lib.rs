@@ -4,6 +4,7 @@
 //!   capacity, TTL, events, recovery);
 //! - [`vmm`]: grove-vmm processes (own process group, adoption, exit) and their control client;
 //! - [`pool`]: standby VMMs per shape;
+//! - [`procs`]: ProcessService's processes (guest-init's agent over vsock);
 //! - [`server`]: the gRPC services, health, reflection, auth, `/metrics`;
 //! - [`client`]: connecting to agentd (CLI, tests, bench);
 //! - [`config`], [`layout`], [`validate`], [`error`], [`metrics`].
@@ -17,6 +18,7 @@ pub mod layout;
 pub mod metrics;
 pub mod node;
 pub mod pool;
+pub mod procs;
 pub mod server;
 pub mod validate;
 pub mod vmm;

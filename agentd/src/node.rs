@@ -285,6 +285,8 @@ pub struct Node {
     started_unix_ms: u64,
     host_check: String,
     shutting_down: AtomicBool,
+    /// ProcessService's processes.
+    pub procs: Arc<crate::procs::Procs>,
 }
 
 /// Splitmix64: spreads a counter over 64 bits.
@@ -334,6 +336,7 @@ impl Node {
             .unwrap_or_default();
         let (events, _) = broadcast::channel(4096);
         let node = Arc::new(Self {
+            procs: Arc::default(),
             cfg,
             layout,
             catalog,
@@ -587,12 +590,13 @@ impl Node {
         &self,
         snap_dir: &Path,
         identity: u32,
+        agent: bool,
         source: &'static str,
         t: Instant,
     ) -> Result<(VmmProc, VmmConn)> {
         let vid = self.alloc_vid()?;
         let l = &self.layout;
-        let args = vec![
+        let mut args = vec![
             "restore".into(),
             "--snapshot".into(),
             snap_dir.display().to_string(),
@@ -605,6 +609,10 @@ impl Node {
             "--disk-dir".into(),
             l.vmm(&vid).display().to_string(),
         ];
+        if agent {
+            args.push("--vsock-uds".into());
+            args.push(l.vmm_vsock(&vid).display().to_string());
+        }
         let proc = VmmProc::spawn(&self.cfg.vmm, l, &vid, &args)?;
         match connect_when_up(l, &vid, &proc).await {
             Ok(conn) => {
@@ -744,6 +752,7 @@ impl Node {
                 },
                 source: kernel.display().to_string(),
                 created_unix_ms: now_ms(),
+                guest_agent: req.guest_agent,
             })
         });
         let rec = match result {
@@ -835,7 +844,13 @@ impl Node {
             snapshot: t.snapshot.unwrap_or(0),
             created_unix_ms: t.created_unix_ms,
             sandboxes: u32::try_from(in_use).unwrap_or(u32::MAX),
+            guest_agent: t.guest_agent,
         }
+    }
+
+    /// Whether sandboxes of template `name` run guest-init's agent (a vsock device).
+    fn has_agent(&self, template: &str) -> bool {
+        !template.is_empty() && self.catalog.template(template).is_ok_and(|t| t.guest_agent)
     }
 
     /// Every template.
@@ -897,6 +912,10 @@ impl Node {
         if let Some(i) = &spec.tmpl.initrd {
             args.push("--initrd".into());
             args.push(l.root().join(i).display().to_string());
+        }
+        if spec.tmpl.guest_agent {
+            args.push("--vsock-uds".into());
+            args.push(l.vmm_vsock(vid).display().to_string());
         }
         args.extend(self.boot_disk_args(spec.tmpl.base_layer, vid)?);
         VmmProc::spawn(&self.cfg.vmm, l, vid, &args)
@@ -1306,10 +1325,12 @@ impl Node {
         let shape = Shape { vcpus: s.snap.vcpus, mem_mib: s.snap.mem_mib };
         let dir = self.layout.snapshot(s.snap.id);
         let started = Instant::now();
+        let agent = self.has_agent(&s.template);
         if let Some(Standby { proc, mut conn }) = self.take_standby(shape) {
             let rec = self.new_record(&s, &proc);
+            let vsock = agent.then(|| self.layout.vmm_vsock(&proc.vid));
             let (restored, committed) = conn
-                .restore_beside(&dir, s.identity, {
+                .restore_beside(&dir, s.identity, vsock.as_deref(), {
                     let (catalog, rec) = (self.catalog.clone(), rec.clone());
                     async move {
                         let t = Instant::now();
@@ -1348,7 +1369,8 @@ impl Node {
                 }
             }
         }
-        let (proc, conn) = self.start_cold_restore(&dir, s.identity, s.source, started).await?;
+        let (proc, conn) =
+            self.start_cold_restore(&dir, s.identity, agent, s.source, started).await?;
         let restored = Instant::now();
         failpoint!("agentd::create::after_restore");
         let rec = self.new_record(&s, &proc);
@@ -1499,6 +1521,45 @@ impl Node {
         Ok(self.lineage().fill(self.to_pb(&rec)))
     }
 
+    // ------------------------------------------------------------ processes
+
+    /// Starts a process in a running sandbox whose template runs guest-init's agent.
+    pub async fn start_process(
+        &self,
+        req: &pb::StartProcessRequest,
+    ) -> Result<(
+        Arc<crate::procs::Proc>,
+        mpsc::Receiver<std::result::Result<pb::ProcessEvent, tonic::Status>>,
+    )> {
+        self.check_open()?;
+        let start = crate::procs::exec_start(req)?;
+        let rec = self.entry(&req.sandbox_id)?.rec();
+        if !self.has_agent(&rec.template) {
+            return Err(AgentError::FailedPrecondition(format!(
+                "sandbox {} has no guest agent (its template was registered without guest_agent)",
+                rec.id
+            )));
+        }
+        let st = State::parse(&rec.state);
+        if st != State::Running || rec.deleting {
+            return Err(AgentError::FailedPrecondition(format!(
+                "sandbox {} is {}: processes start in running sandboxes",
+                rec.id,
+                st.as_str()
+            )));
+        }
+        let vsock = self.layout.vmm_vsock(&rec.vmm);
+        self.procs.start(&rec.id, &vsock, start, now_ms()).await
+    }
+
+    /// The processes of a sandbox (all when empty).
+    pub fn list_processes(&self, sandbox: &str) -> Result<Vec<pb::ProcessInfo>> {
+        if !sandbox.is_empty() {
+            validate::sandbox_id(sandbox)?;
+        }
+        Ok(self.procs.list(sandbox))
+    }
+
     // ------------------------------------------------------------ lineage
 
     /// Who was forked from whom, among the sandboxes that exist now.
@@ -1646,7 +1707,14 @@ impl Node {
         let started = Instant::now();
         let shape = Shape { vcpus: rec.vcpus, mem_mib: rec.mem_mib };
         let (proc, conn) = self
-            .restore_vmm(shape, &self.layout.snapshot(snap.id), rec.identity, "rewind", started)
+            .restore_vmm(
+                shape,
+                &self.layout.snapshot(snap.id),
+                rec.identity,
+                self.has_agent(&rec.template),
+                "rewind",
+                started,
+            )
             .await?;
         failpoint!("agentd::rewind::restored");
         let new = match self.persist(&e, |r| {
@@ -1688,11 +1756,13 @@ impl Node {
         shape: Shape,
         dir: &Path,
         identity: u32,
+        agent: bool,
         source: &'static str,
         started: Instant,
     ) -> Result<(VmmProc, VmmConn)> {
         if let Some(Standby { proc, mut conn }) = self.take_standby(shape) {
-            match conn.restore(dir, identity).await {
+            let vsock = agent.then(|| self.layout.vmm_vsock(&proc.vid));
+            match conn.restore(dir, identity, vsock.as_deref()).await {
                 Ok(_) => {
                     self.observe_restore(source, "standby", started);
                     return Ok((proc, conn));
@@ -1700,7 +1770,7 @@ impl Node {
                 Err(e) => self.drop_failed_standby(&proc, &e),
             }
         }
-        self.start_cold_restore(dir, identity, source, started).await
+        self.start_cold_restore(dir, identity, agent, source, started).await
     }
 
     /// Sandboxes matching every label and any of the states, from `after` on.

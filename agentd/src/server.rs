@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use grove_proto::v1 as pb;
 use pb::node_service_server::{NodeService, NodeServiceServer};
+use pb::process_service_server::{ProcessService, ProcessServiceServer};
 use pb::sandbox_service_server::{SandboxService, SandboxServiceServer};
 use pb::template_service_server::{TemplateService, TemplateServiceServer};
 use tokio_stream::wrappers::{BroadcastStream, UnboundedReceiverStream};
@@ -246,6 +247,70 @@ impl TemplateService for Api {
 }
 
 #[tonic::async_trait]
+impl ProcessService for Api {
+    type StartStream = Stream_<pb::ProcessEvent>;
+
+    async fn start(
+        &self,
+        r: Request<pb::StartProcessRequest>,
+    ) -> Result<Response<Self::StartStream>, Status> {
+        let req = r.into_inner();
+        self.run("ProcessStart", async {
+            let (_, rx) = self.node.start_process(&req).await?;
+            Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as Self::StartStream)
+        })
+        .await
+    }
+
+    async fn send_stdin(
+        &self,
+        r: Request<pb::SendStdinRequest>,
+    ) -> Result<Response<pb::SendStdinResponse>, Status> {
+        let r = r.into_inner();
+        self.run("ProcessSendStdin", async {
+            self.node.procs.stdin(&r.process_id, &r.data, r.eof)?;
+            Ok(pb::SendStdinResponse {})
+        })
+        .await
+    }
+
+    async fn signal(
+        &self,
+        r: Request<pb::SignalProcessRequest>,
+    ) -> Result<Response<pb::SignalProcessResponse>, Status> {
+        let r = r.into_inner();
+        self.run("ProcessSignal", async {
+            self.node.procs.signal(&r.process_id, r.signal)?;
+            Ok(pb::SignalProcessResponse {})
+        })
+        .await
+    }
+
+    async fn resize(
+        &self,
+        r: Request<pb::ResizeProcessRequest>,
+    ) -> Result<Response<pb::ResizeProcessResponse>, Status> {
+        let r = r.into_inner();
+        self.run("ProcessResize", async {
+            self.node.procs.resize(&r.process_id, r.rows, r.cols)?;
+            Ok(pb::ResizeProcessResponse {})
+        })
+        .await
+    }
+
+    async fn list(
+        &self,
+        r: Request<pb::ListProcessesRequest>,
+    ) -> Result<Response<pb::ListProcessesResponse>, Status> {
+        let r = r.into_inner();
+        self.run("ProcessList", async {
+            Ok(pb::ListProcessesResponse { processes: self.node.list_processes(&r.sandbox_id)? })
+        })
+        .await
+    }
+}
+
+#[tonic::async_trait]
 impl NodeService for Api {
     async fn info(&self, _r: Request<pb::InfoRequest>) -> Result<Response<pb::NodeInfo>, Status> {
         self.run("Info", async { Ok(self.node.info()) }).await
@@ -318,6 +383,7 @@ pub async fn serve(
     reporter.set_serving::<SandboxServiceServer<Api>>().await;
     reporter.set_serving::<TemplateServiceServer<Api>>().await;
     reporter.set_serving::<NodeServiceServer<Api>>().await;
+    reporter.set_serving::<ProcessServiceServer<Api>>().await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -350,6 +416,7 @@ pub async fn serve(
         ))
         .add_service(SandboxServiceServer::with_interceptor(api.clone(), auth.clone()))
         .add_service(TemplateServiceServer::with_interceptor(api.clone(), auth.clone()))
+        .add_service(ProcessServiceServer::with_interceptor(api.clone(), auth.clone()))
         .add_service(NodeServiceServer::with_interceptor(api, auth));
     match &cfg.listen {
         Listen::Unix(path) => {

@@ -166,8 +166,9 @@ impl VmmConn {
         &mut self,
         snapshot: &Path,
         identity: u32,
+        vsock: Option<&Path>,
     ) -> Result<RestoreReport, ClientError> {
-        self.restore_beside(snapshot, identity, async {}).await.0
+        self.restore_beside(snapshot, identity, vsock, async {}).await.0
     }
 
     /// `restore`, with `beside` awaited once the request is sent, while the VMM restores and
@@ -179,14 +180,15 @@ impl VmmConn {
         &mut self,
         snapshot: &Path,
         identity: u32,
+        vsock: Option<&Path>,
         beside: F,
     ) -> (Result<RestoreReport, ClientError>, Option<F::Output>) {
-        // No vsock device or guest refresh yet: agentd's guests are restored as saved (the
-        // exec/files issue adds the vsock socket per sandbox).
+        // A guest with an agent gets its own vsock socket (`vsock`); the VMM then refreshes
+        // its clock and entropy before it replies. Others are restored as saved.
         let req = Request::Restore {
             snapshot: snapshot.to_path_buf(),
             identity,
-            vsock_uds: None,
+            vsock_uds: vsock.map(Path::to_path_buf),
             vsock_cid: None,
             guest: grove_vmm_api::GuestRefresh::default(),
         };

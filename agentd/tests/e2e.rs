@@ -562,6 +562,7 @@ async fn reflection_lists_the_services_and_health_serves() {
         "grove.v1.SandboxService",
         "grove.v1.TemplateService",
         "grove.v1.NodeService",
+        "grove.v1.ProcessService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
     ] {
@@ -874,4 +875,56 @@ async fn lineage_subtrees_and_rewind() {
     c.sandbox.delete_snapshot(pb::DeleteSnapshotRequest { id: cb.id }).await.unwrap();
     c.sandbox.delete_snapshot(pb::DeleteSnapshotRequest { id: c1.id }).await.unwrap();
     assert_no_strays(&agent, &mut c).await;
+}
+
+/// ProcessService on this host (the test guest has no agent: the exec itself is tested in
+/// the test host's agentd scenario): what is refused and with which code; nothing starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_requests_are_refused_without_an_agent_or_with_bad_input() {
+    if !kvm_available() {
+        return;
+    }
+    let agent = Agent::start(1, &[]);
+    let mut c = agent.clients().await;
+    let t = warm_test_guest(&mut c, "tgp", READY_CMDLINE, 64).await;
+    assert!(!t.guest_agent);
+    let s = c.sandbox.create(create_req("tgp")).await.unwrap().into_inner();
+    let start = |argv: &[&str]| pb::StartProcessRequest {
+        sandbox_id: s.id.clone(),
+        argv: argv.iter().map(|a| (*a).to_string()).collect(),
+        ..Default::default()
+    };
+    let code_of =
+        |r: Result<tonic::Response<tonic::Streaming<pb::ProcessEvent>>, tonic::Status>| code(r);
+    // No agent in the test guest's template.
+    assert_eq!(code_of(c.process.start(start(&["true"])).await), Code::FailedPrecondition);
+    // Malformed: no argv, a relative cwd, half a PTY size, a NUL.
+    assert_eq!(code_of(c.process.start(start(&[])).await), Code::InvalidArgument);
+    let mut r = start(&["true"]);
+    r.cwd = "tmp".into();
+    assert_eq!(code_of(c.process.start(r).await), Code::InvalidArgument);
+    let mut r = start(&["true"]);
+    r.pty_rows = 24;
+    assert_eq!(code_of(c.process.start(r).await), Code::InvalidArgument);
+    assert_eq!(code_of(c.process.start(start(&["a\0b"])).await), Code::InvalidArgument);
+    // Unknown sandbox and process ids; a bad signal.
+    let mut r = start(&["true"]);
+    r.sandbox_id = "sb-0000000000000000".into();
+    assert_eq!(code_of(c.process.start(r).await), Code::NotFound);
+    let stdin = pb::SendStdinRequest { process_id: "p-1".into(), data: b"x".to_vec(), eof: true };
+    assert_eq!(code(c.process.send_stdin(stdin).await), Code::NotFound);
+    let sig = |signal| pb::SignalProcessRequest { process_id: "p-1".into(), signal };
+    assert_eq!(code(c.process.signal(sig(0)).await), Code::InvalidArgument);
+    assert_eq!(code(c.process.signal(sig(9)).await), Code::NotFound);
+    // Nothing was started; the sandbox runs on.
+    let l = c.process.list(pb::ListProcessesRequest::default()).await.unwrap().into_inner();
+    assert!(l.processes.is_empty());
+    assert_eq!(state(&get(&mut c, &s.id).await.unwrap()), pb::SandboxState::Running);
+    // The CLI says why, and fails.
+    let out = Command::new(GROVE)
+        .args(["--endpoint", &agent.endpoint(), "exec", &s.id, "--", "true"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no guest agent"), "{out:?}");
 }

@@ -97,6 +97,40 @@ enum Cmd {
     },
     /// Restore a sandbox in place to an earlier snapshot of its history.
     Rewind { id: String, snapshot: u64 },
+    /// Run a command in a sandbox (its template needs --guest-agent): output streams out,
+    /// the exit status becomes grove's (128+N for signal N).
+    Exec {
+        id: String,
+        /// Feed grove's stdin to the command.
+        #[arg(short = 'i', long)]
+        interactive: bool,
+        /// On a PTY the size of grove's terminal, the terminal in raw mode (implies -i).
+        #[arg(short = 't', long)]
+        tty: bool,
+        /// An environment variable, K=V (repeatable).
+        #[arg(long = "env", short = 'e', value_parser = parse_label)]
+        env: Vec<(String, String)>,
+        /// Working directory in the guest.
+        #[arg(long, default_value = "")]
+        cwd: String,
+        /// User name or uid in the guest.
+        #[arg(long, short = 'u', default_value = "")]
+        user: String,
+        /// Kill it after this many seconds.
+        #[arg(long, default_value_t = 0)]
+        timeout: u32,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
+    /// Processes started through agentd (of one sandbox, or all).
+    Ps { id: Option<String> },
+    /// Send a signal (a number, default 15) to a process.
+    Kill {
+        process_id: String,
+        #[arg(long, short = 's', default_value_t = 15)]
+        signal: i32,
+    },
     /// Fork a running sandbox into N children; prints their ids.
     Fork {
         id: String,
@@ -149,6 +183,10 @@ enum TemplateCmd {
         /// Seconds a warm-up boot may take.
         #[arg(long, default_value_t = 0)]
         ready_timeout: u32,
+        /// The guest runs guest-init's agent (vsock port 1024): `grove exec` works in its
+        /// sandboxes.
+        #[arg(long)]
+        guest_agent: bool,
     },
     /// Boot once, wait until ready, snapshot: later creates restore.
     Warm { name: String },
@@ -227,6 +265,7 @@ fn template_json(t: &pb::Template) -> Value {
         "vcpus": t.vcpus, "memory_mib": t.memory_mib, "base_layer": t.base_layer,
         "disk_bytes": t.disk_bytes, "ready_text": t.ready_text, "snapshot": t.snapshot,
         "created_unix_ms": t.created_unix_ms, "sandboxes": t.sandboxes,
+        "guest_agent": t.guest_agent,
     })
 }
 
@@ -358,7 +397,94 @@ fn print_tree(t: &Tree, first: &str, rest: &str) {
     }
 }
 
-async fn run(cli: Cli) -> Result<(), String> {
+/// The terminal in raw mode while a `-t` exec runs (restored on drop).
+struct RawTerminal(Option<rustix::termios::Termios>);
+
+impl RawTerminal {
+    fn enter() -> Self {
+        let fd = rustix::stdio::stdin();
+        let Ok(old) = rustix::termios::tcgetattr(fd) else { return Self(None) };
+        let mut raw = old.clone();
+        raw.make_raw();
+        if rustix::termios::tcsetattr(fd, rustix::termios::OptionalActions::Now, &raw).is_err() {
+            return Self(None);
+        }
+        Self(Some(old))
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        if let Some(old) = &self.0 {
+            let fd = rustix::stdio::stdin();
+            let _ = rustix::termios::tcsetattr(fd, rustix::termios::OptionalActions::Now, old);
+        }
+    }
+}
+
+/// `grove exec`: returns the exit status to end with.
+async fn exec(c: &mut Clients, req: pb::StartProcessRequest, feed: bool) -> Result<u8, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let st = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
+    let tty = req.pty_rows > 0;
+    let mut events = c.process.start(req).await.map_err(st)?.into_inner();
+    let _raw =
+        if tty && std::io::stdin().is_terminal() { Some(RawTerminal::enter()) } else { None };
+    let mut out = tokio::io::stdout();
+    let mut err = tokio::io::stderr();
+    let mut feeder: Option<tokio::task::JoinHandle<()>> = None;
+    while let Some(ev) = events.message().await.map_err(st)? {
+        match ev.event {
+            Some(pb::process_event::Event::Started(s)) if feed => {
+                let mut pc = c.process.clone();
+                let pid = s.process_id;
+                feeder = Some(tokio::spawn(async move {
+                    let mut stdin = tokio::io::stdin();
+                    let mut buf = vec![0u8; 64 << 10];
+                    loop {
+                        let n = stdin.read(&mut buf).await.unwrap_or(0);
+                        let req = pb::SendStdinRequest {
+                            process_id: pid.clone(),
+                            data: buf[..n].to_vec(),
+                            eof: n == 0,
+                        };
+                        if pc.send_stdin(req).await.is_err() || n == 0 {
+                            return;
+                        }
+                    }
+                }));
+            }
+            Some(pb::process_event::Event::Output(o)) => {
+                let w: &mut (dyn tokio::io::AsyncWrite + Unpin) =
+                    if o.stream == pb::OutputStream::Stderr as i32 { &mut err } else { &mut out };
+                // A closed output (grove ... | head) ends nothing: the rest is dropped.
+                if w.write_all(&o.data).await.is_ok() {
+                    let _ = w.flush().await;
+                }
+            }
+            Some(pb::process_event::Event::Exit(x)) => {
+                if let Some(f) = feeder {
+                    f.abort();
+                }
+                if !x.error.is_empty() {
+                    return Err(format!("the process's end was not seen: {}", x.error));
+                }
+                let code = match x.status {
+                    Some(pb::process_exit::Status::Code(c)) => u8::try_from(c & 0xff).unwrap_or(1),
+                    Some(pb::process_exit::Status::Signal(s)) => {
+                        u8::try_from((128 + s) & 0xff).unwrap_or(1)
+                    }
+                    None => 1,
+                };
+                return Ok(code);
+            }
+            _ => {}
+        }
+    }
+    Err("the process stream ended before the process did".into())
+}
+
+async fn run(cli: Cli) -> Result<u8, String> {
     let token = match &cli.token_file {
         Some(p) => Some(grove_agentd::config::read_token(p)?),
         None => None,
@@ -382,6 +508,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 disk_mib,
                 ready,
                 ready_timeout,
+                guest_agent,
             } => {
                 let abs = |p: PathBuf| -> Result<String, String> {
                     std::path::absolute(&p)
@@ -420,6 +547,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                         ready_check: ready_check.into(),
                         ready_text,
                         ready_timeout_seconds: ready_timeout,
+                        guest_agent,
                     })
                     .await
                     .map_err(st)?
@@ -751,8 +879,83 @@ async fn run(cli: Cli) -> Result<(), String> {
             let m = c.node.metrics(pb::MetricsRequest {}).await.map_err(st)?.into_inner();
             print!("{}", m.text);
         }
+        Cmd::Exec { id, interactive, tty, env, cwd, user, timeout, argv } => {
+            let (rows, cols) = if tty {
+                rustix::termios::tcgetwinsize(rustix::stdio::stdout())
+                    .map(|w| (u32::from(w.ws_row.max(1)), u32::from(w.ws_col.max(1))))
+                    .unwrap_or((24, 80))
+            } else {
+                (0, 0)
+            };
+            let req = pb::StartProcessRequest {
+                sandbox_id: id,
+                argv,
+                env: labels(&env),
+                cwd,
+                user,
+                timeout_seconds: timeout,
+                stdin: interactive || tty,
+                pty_rows: rows,
+                pty_cols: cols,
+            };
+            return exec(&mut c, req, interactive || tty).await;
+        }
+        Cmd::Ps { id } => {
+            let r = c
+                .process
+                .list(pb::ListProcessesRequest { sandbox_id: id.unwrap_or_default() })
+                .await
+                .map_err(st)?
+                .into_inner();
+            if j {
+                let v: Vec<Value> = r
+                    .processes
+                    .iter()
+                    .map(|p| {
+                        json!({
+                            "process_id": p.process_id, "sandbox_id": p.sandbox_id,
+                            "argv": p.argv, "pid": p.pid, "running": p.running,
+                            "exit": p.exit.as_ref().map(exit_text),
+                            "started_unix_ms": p.started_unix_ms,
+                        })
+                    })
+                    .collect();
+                println!("{}", Value::Array(v));
+            } else {
+                let rows: Vec<Vec<String>> = r
+                    .processes
+                    .iter()
+                    .map(|p| {
+                        vec![
+                            p.process_id.clone(),
+                            p.sandbox_id.clone(),
+                            p.pid.to_string(),
+                            if p.running {
+                                "running".into()
+                            } else {
+                                p.exit.as_ref().map(exit_text).unwrap_or_default()
+                            },
+                            p.argv.join(" "),
+                        ]
+                    })
+                    .collect();
+                table(&["PROCESS", "SANDBOX", "PID", "STATE", "COMMAND"], &rows);
+            }
+        }
+        Cmd::Kill { process_id, signal } => {
+            c.process.signal(pb::SignalProcessRequest { process_id, signal }).await.map_err(st)?;
+        }
     }
-    Ok(())
+    Ok(0)
+}
+
+fn exit_text(x: &pb::ProcessExit) -> String {
+    match x.status {
+        _ if !x.error.is_empty() => format!("lost: {}", x.error),
+        Some(pb::process_exit::Status::Code(c)) => format!("exit {c}"),
+        Some(pb::process_exit::Status::Signal(s)) => format!("signal {s}"),
+        None => "ended".into(),
+    }
 }
 
 fn main() -> ExitCode {
@@ -765,7 +968,7 @@ fn main() -> ExitCode {
         }
     };
     match rt.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
             // println! panics on a closed pipe; errors go to stderr, which we leave as is.
             eprintln!("grove: {e}");

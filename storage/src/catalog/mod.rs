@@ -188,6 +188,9 @@ pub struct TemplateRecord {
     pub source: String,
     #[serde(default)]
     pub created_unix_ms: u64,
+    /// The guest runs guest-init's agent: its VMs get a vsock device (owner-defined use).
+    #[serde(default)]
+    pub guest_agent: bool,
 }
 
 /// A sandbox and what it was made from.
