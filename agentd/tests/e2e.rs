@@ -726,8 +726,14 @@ async fn lineage_subtrees_and_rewind() {
     // it once per new identity: a restore of memory that already saw the identity prints
     // nothing more.
     let id_line = format!("ID={} ", p.identity);
-    wait_until("P's ID line", || serial_of(&agent, p.vmm_pid).contains(&id_line)).await;
-    let first_line = |out: &str| out.lines().find(|l| l.contains(&id_line)).map(str::to_string);
+    // The first complete (newline-ended) line with the identity: the serial file may hold
+    // a line being written.
+    let first_line = |out: &str| {
+        out.split_inclusive('\n')
+            .find(|l| l.contains(&id_line) && l.ends_with('\n'))
+            .map(|l| l.trim_end().to_string())
+    };
+    wait_until("P's ID line", || first_line(&serial_of(&agent, p.vmm_pid)).is_some()).await;
     let p_line = first_line(&serial_of(&agent, p.vmm_pid)).unwrap();
     let c1 = c
         .sandbox
@@ -826,7 +832,7 @@ async fn lineage_subtrees_and_rewind() {
         .unwrap()
         .into_inner();
     wait_until("the ID line after rewinding to creation", || {
-        serial_of(&agent, r2.vmm_pid).contains(&id_line)
+        first_line(&serial_of(&agent, r2.vmm_pid)).is_some()
     })
     .await;
     assert_eq!(first_line(&serial_of(&agent, r2.vmm_pid)).unwrap(), p_line);
