@@ -62,6 +62,8 @@ pub struct Clients {
     pub node: pb::node_service_client::NodeServiceClient<AuthChannel>,
     /// ProcessService.
     pub process: pb::process_service_client::ProcessServiceClient<AuthChannel>,
+    /// FilesystemService.
+    pub files: pb::filesystem_service_client::FilesystemServiceClient<AuthChannel>,
     /// The raw channel (health, reflection).
     pub channel: Channel,
 }
@@ -143,6 +145,10 @@ pub async fn connect(endpoint: &str, token: Option<&str>) -> Result<Clients, Cli
             bearer.clone(),
         ),
         process: pb::process_service_client::ProcessServiceClient::with_interceptor(
+            ch.clone(),
+            bearer.clone(),
+        ),
+        files: pb::filesystem_service_client::FilesystemServiceClient::with_interceptor(
             ch.clone(),
             bearer.clone(),
         ),

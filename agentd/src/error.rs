@@ -113,6 +113,10 @@ impl AgentError {
                         E::AlreadyExists => Code::AlreadyExists,
                         E::BadRequest | E::NotADirectory | E::IsADirectory => Code::InvalidArgument,
                         E::Limit => Code::ResourceExhausted,
+                        // ENOSPC, EDQUOT: the guest's file system is full.
+                        E::Io if matches!(source, G::Guest { errno: 28 | 122, .. }) => {
+                            Code::ResourceExhausted
+                        }
                         E::SpawnFailed | E::Unsupported => Code::FailedPrecondition,
                         _ => Code::Internal,
                     },
@@ -178,6 +182,15 @@ mod tests {
             )
         };
         assert_eq!(vmm(ErrorCode::Incompatible).code(), tonic::Code::FailedPrecondition);
+        let guest = |code, errno| AgentError::Guest {
+            what: "write".into(),
+            source: grove_proto::client::ClientError::Guest { code, errno, message: "x".into() },
+        };
+        use grove_proto::guest::ErrorCode as G;
+        assert_eq!(guest(G::Io, 28).code(), tonic::Code::ResourceExhausted, "ENOSPC");
+        assert_eq!(guest(G::Io, 5).code(), tonic::Code::Internal, "EIO");
+        assert_eq!(guest(G::OutsideRoot, 0).code(), tonic::Code::PermissionDenied);
+        assert_eq!(guest(G::SpawnFailed, 2).code(), tonic::Code::FailedPrecondition);
         assert_eq!(vmm(ErrorCode::Corrupt).code(), tonic::Code::DataLoss);
         assert_eq!(
             AgentError::Catalog(CatalogError::InUse("t".into())).code(),

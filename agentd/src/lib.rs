@@ -5,6 +5,7 @@
 //! - [`vmm`]: grove-vmm processes (own process group, adoption, exit) and their control client;
 //! - [`pool`]: standby VMMs per shape;
 //! - [`procs`]: ProcessService's processes (guest-init's agent over vsock);
+//! - [`files`]: FilesystemService (the same agent);
 //! - [`server`]: the gRPC services, health, reflection, auth, `/metrics`;
 //! - [`client`]: connecting to agentd (CLI, tests, bench);
 //! - [`config`], [`layout`], [`validate`], [`error`], [`metrics`].
@@ -14,6 +15,7 @@
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod files;
 pub mod layout;
 pub mod metrics;
 pub mod node;

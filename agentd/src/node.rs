@@ -287,6 +287,8 @@ pub struct Node {
     shutting_down: AtomicBool,
     /// ProcessService's processes.
     pub procs: Arc<crate::procs::Procs>,
+    /// FilesystemService's open Read and Write streams.
+    pub file_streams: Arc<crate::files::Streams>,
 }
 
 /// Splitmix64: spreads a counter over 64 bits.
@@ -337,6 +339,7 @@ impl Node {
         let (events, _) = broadcast::channel(4096);
         let node = Arc::new(Self {
             procs: Arc::default(),
+            file_streams: Arc::default(),
             cfg,
             layout,
             catalog,
@@ -1531,9 +1534,15 @@ impl Node {
         Arc<crate::procs::Proc>,
         mpsc::Receiver<std::result::Result<pb::ProcessEvent, tonic::Status>>,
     )> {
-        self.check_open()?;
         let start = crate::procs::exec_start(req)?;
-        let rec = self.entry(&req.sandbox_id)?.rec();
+        let vsock = self.agent_vsock(&req.sandbox_id)?;
+        self.procs.start(&req.sandbox_id, &vsock, start, now_ms()).await
+    }
+
+    /// The vsock socket of a running sandbox whose template runs guest-init's agent.
+    pub fn agent_vsock(&self, sandbox: &str) -> Result<PathBuf> {
+        self.check_open()?;
+        let rec = self.entry(sandbox)?.rec();
         if !self.has_agent(&rec.template) {
             return Err(AgentError::FailedPrecondition(format!(
                 "sandbox {} has no guest agent (its template was registered without guest_agent)",
@@ -1543,13 +1552,12 @@ impl Node {
         let st = State::parse(&rec.state);
         if st != State::Running || rec.deleting {
             return Err(AgentError::FailedPrecondition(format!(
-                "sandbox {} is {}: processes start in running sandboxes",
+                "sandbox {} is {}: its guest agent answers while it runs",
                 rec.id,
-                st.as_str()
+                if rec.deleting { "being deleted" } else { st.as_str() }
             )));
         }
-        let vsock = self.layout.vmm_vsock(&rec.vmm);
-        self.procs.start(&rec.id, &vsock, start, now_ms()).await
+        Ok(self.layout.vmm_vsock(&rec.vmm))
     }
 
     /// The processes of a sandbox (all when empty).

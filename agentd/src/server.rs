@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use grove_proto::v1 as pb;
+use pb::filesystem_service_server::{FilesystemService, FilesystemServiceServer};
 use pb::node_service_server::{NodeService, NodeServiceServer};
 use pb::process_service_server::{ProcessService, ProcessServiceServer};
 use pb::sandbox_service_server::{SandboxService, SandboxServiceServer};
@@ -19,6 +20,7 @@ use tracing::Instrument;
 
 use crate::config::{Config, Listen};
 use crate::error::AgentError;
+use crate::files;
 use crate::node::Node;
 
 type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -311,6 +313,153 @@ impl ProcessService for Api {
 }
 
 #[tonic::async_trait]
+impl FilesystemService for Api {
+    async fn stat(
+        &self,
+        r: Request<pb::StatFileRequest>,
+    ) -> Result<Response<pb::FileInfo>, Status> {
+        let r = r.into_inner();
+        self.run("FileStat", async {
+            files::check_path(&r.path)?;
+            let vsock = self.node.agent_vsock(&r.sandbox_id)?;
+            let path = r.path.clone();
+            let i = files::unary(vsock, "stat", move |c| c.stat(&path)).await?;
+            Ok(files::info_pb(&i, r.path))
+        })
+        .await
+    }
+
+    type ReadStream = Stream_<pb::FileChunk>;
+
+    async fn read(
+        &self,
+        r: Request<pb::ReadFileRequest>,
+    ) -> Result<Response<Self::ReadStream>, Status> {
+        let r = r.into_inner();
+        self.run("FileRead", async {
+            files::check_path(&r.path)?;
+            let vsock = self.node.agent_vsock(&r.sandbox_id)?;
+            let slot = self.node.file_streams.take()?;
+            let req = grove_proto::guest::FileRead {
+                path: r.path,
+                offset: r.offset,
+                length: r.length,
+                ..Default::default()
+            };
+            let rx = files::read(vsock, req, slot);
+            Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as Self::ReadStream)
+        })
+        .await
+    }
+
+    async fn write(
+        &self,
+        r: Request<tonic::Streaming<pb::WriteFileRequest>>,
+    ) -> Result<Response<pb::WriteFileResponse>, Status> {
+        let mut stream = r.into_inner();
+        self.run("FileWrite", async {
+            let first = stream
+                .message()
+                .await
+                .map_err(|s| AgentError::InvalidArgument(format!("write stream: {s}")))?
+                .ok_or_else(|| AgentError::InvalidArgument("an empty write stream".into()))?;
+            files::check_path(&first.path)?;
+            if first.mode > 0o7777 {
+                return Err(AgentError::InvalidArgument(format!("mode {:o}", first.mode)));
+            }
+            if first.data.len() > files::MAX_WRITE_MESSAGE {
+                return Err(AgentError::InvalidArgument(format!(
+                    "a Write message carries at most {} bytes",
+                    files::MAX_WRITE_MESSAGE
+                )));
+            }
+            let vsock = self.node.agent_vsock(&first.sandbox_id)?;
+            let slot = self.node.file_streams.take()?;
+            let open = grove_proto::guest::FileWriteOpen {
+                path: first.path,
+                mode: first.mode,
+                append: first.append,
+                mkdir_parents: first.make_parents,
+                ..Default::default()
+            };
+            let bytes = files::write(vsock, open, first.data, stream, slot).await?;
+            Ok(pb::WriteFileResponse { bytes })
+        })
+        .await
+    }
+
+    async fn list(
+        &self,
+        r: Request<pb::ListFilesRequest>,
+    ) -> Result<Response<pb::ListFilesResponse>, Status> {
+        let r = r.into_inner();
+        self.run("FileList", async {
+            files::check_path(&r.path)?;
+            if r.depth > files::MAX_DEPTH {
+                return Err(AgentError::InvalidArgument(format!(
+                    "depth {} (at most {})",
+                    r.depth,
+                    files::MAX_DEPTH
+                )));
+            }
+            let vsock = self.node.agent_vsock(&r.sandbox_id)?;
+            let (path, depth) = (r.path, r.depth);
+            let entries = tokio::task::spawn_blocking(move || {
+                let mut c = files::connect_agent(&vsock)?;
+                files::list(&mut c, &path, depth)
+            })
+            .await
+            .map_err(|e| AgentError::Internal(format!("list: {e}")))??;
+            Ok(pb::ListFilesResponse { entries })
+        })
+        .await
+    }
+
+    async fn make_dir(
+        &self,
+        r: Request<pb::MakeDirRequest>,
+    ) -> Result<Response<pb::MakeDirResponse>, Status> {
+        let r = r.into_inner();
+        self.run("FileMakeDir", async {
+            files::check_path(&r.path)?;
+            let vsock = self.node.agent_vsock(&r.sandbox_id)?;
+            files::unary(vsock, "mkdir", move |c| c.mkdir(&r.path, r.parents)).await?;
+            Ok(pb::MakeDirResponse {})
+        })
+        .await
+    }
+
+    async fn remove(
+        &self,
+        r: Request<pb::RemoveFileRequest>,
+    ) -> Result<Response<pb::RemoveFileResponse>, Status> {
+        let r = r.into_inner();
+        self.run("FileRemove", async {
+            files::check_path(&r.path)?;
+            let vsock = self.node.agent_vsock(&r.sandbox_id)?;
+            files::unary(vsock, "remove", move |c| c.remove(&r.path, r.recursive)).await?;
+            Ok(pb::RemoveFileResponse {})
+        })
+        .await
+    }
+
+    async fn rename(
+        &self,
+        r: Request<pb::RenameFileRequest>,
+    ) -> Result<Response<pb::RenameFileResponse>, Status> {
+        let r = r.into_inner();
+        self.run("FileRename", async {
+            files::check_path(&r.from)?;
+            files::check_path(&r.to)?;
+            let vsock = self.node.agent_vsock(&r.sandbox_id)?;
+            files::unary(vsock, "rename", move |c| c.rename(&r.from, &r.to)).await?;
+            Ok(pb::RenameFileResponse {})
+        })
+        .await
+    }
+}
+
+#[tonic::async_trait]
 impl NodeService for Api {
     async fn info(&self, _r: Request<pb::InfoRequest>) -> Result<Response<pb::NodeInfo>, Status> {
         self.run("Info", async { Ok(self.node.info()) }).await
@@ -384,6 +533,7 @@ pub async fn serve(
     reporter.set_serving::<TemplateServiceServer<Api>>().await;
     reporter.set_serving::<NodeServiceServer<Api>>().await;
     reporter.set_serving::<ProcessServiceServer<Api>>().await;
+    reporter.set_serving::<FilesystemServiceServer<Api>>().await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -417,6 +567,7 @@ pub async fn serve(
         .add_service(SandboxServiceServer::with_interceptor(api.clone(), auth.clone()))
         .add_service(TemplateServiceServer::with_interceptor(api.clone(), auth.clone()))
         .add_service(ProcessServiceServer::with_interceptor(api.clone(), auth.clone()))
+        .add_service(FilesystemServiceServer::with_interceptor(api.clone(), auth.clone()))
         .add_service(NodeServiceServer::with_interceptor(api, auth));
     match &cfg.listen {
         Listen::Unix(path) => {

@@ -922,6 +922,23 @@ async fn process_requests_are_refused_without_an_agent_or_with_bad_input() {
     let sig = |signal| pb::SignalProcessRequest { process_id: "p-1".into(), signal };
     assert_eq!(code(c.process.signal(sig(0)).await), Code::InvalidArgument);
     assert_eq!(code(c.process.signal(sig(9)).await), Code::NotFound);
+    // Files: the same refusals.
+    let stat = |path: &str| pb::StatFileRequest { sandbox_id: s.id.clone(), path: path.into() };
+    assert_eq!(code(c.files.stat(stat("/etc")).await), Code::FailedPrecondition);
+    assert_eq!(code(c.files.stat(stat("etc")).await), Code::InvalidArgument);
+    let list = pb::ListFilesRequest { sandbox_id: s.id.clone(), path: "/".into(), depth: 33 };
+    assert_eq!(code(c.files.list(list).await), Code::InvalidArgument);
+    let mut unknown = stat("/etc");
+    unknown.sandbox_id = "sb-0000000000000000".into();
+    assert_eq!(code(c.files.stat(unknown).await), Code::NotFound);
+    let first = pb::WriteFileRequest {
+        sandbox_id: s.id.clone(),
+        path: "/root/f".into(),
+        data: b"x".to_vec(),
+        ..Default::default()
+    };
+    let w = c.files.write(tokio_stream::iter(vec![first])).await;
+    assert_eq!(code(w), Code::FailedPrecondition);
     // Nothing was started; the sandbox runs on.
     let l = c.process.list(pb::ListProcessesRequest::default()).await.unwrap().into_inner();
     assert!(l.processes.is_empty());

@@ -123,6 +123,15 @@ enum Cmd {
         #[arg(last = true, required = true)]
         argv: Vec<String>,
     },
+    /// Copy a file into or out of a sandbox: `grove cp LOCAL ID:/path` or `grove cp ID:/path
+    /// LOCAL` (`-` is stdin or stdout).
+    Cp {
+        src: String,
+        dst: String,
+        /// Create missing parent directories in the guest.
+        #[arg(long, short = 'p')]
+        parents: bool,
+    },
     /// Processes started through agentd (of one sandbox, or all).
     Ps { id: Option<String> },
     /// Send a signal (a number, default 15) to a process.
@@ -419,6 +428,95 @@ impl Drop for RawTerminal {
             let fd = rustix::stdio::stdin();
             let _ = rustix::termios::tcsetattr(fd, rustix::termios::OptionalActions::Now, old);
         }
+    }
+}
+
+/// `ID:/path` → (ID, /path); anything else is a local path.
+fn guest_path(s: &str) -> Option<(String, String)> {
+    let (id, path) = s.split_once(':')?;
+    (id.starts_with("sb-") && path.starts_with('/')).then(|| (id.to_string(), path.to_string()))
+}
+
+/// `grove cp`: streams a file between this machine and a sandbox; returns the bytes copied.
+async fn copy(c: &mut Clients, src: &str, dst: &str, parents: bool) -> Result<u64, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let st = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
+    match (guest_path(src), guest_path(dst)) {
+        (None, Some((id, path))) => {
+            let (mode, mut input): (u32, Box<dyn tokio::io::AsyncRead + Unpin + Send>) =
+                if src == "-" {
+                    (0o644, Box::new(tokio::io::stdin()))
+                } else {
+                    let f = tokio::fs::File::open(src).await.map_err(|e| format!("{src}: {e}"))?;
+                    let m = f.metadata().await.map_err(|e| format!("{src}: {e}"))?;
+                    if !m.is_file() {
+                        return Err(format!("{src} is not a regular file"));
+                    }
+                    (std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777, Box::new(f))
+                };
+            let (tx, rx) = tokio::sync::mpsc::channel::<pb::WriteFileRequest>(4);
+            let reader = tokio::spawn(async move {
+                let mut first = Some(pb::WriteFileRequest {
+                    sandbox_id: id,
+                    path,
+                    mode,
+                    append: false,
+                    make_parents: parents,
+                    data: Vec::new(),
+                });
+                loop {
+                    let mut buf = vec![0u8; 1 << 20];
+                    let n = input.read(&mut buf).await.map_err(|e| e.to_string())?;
+                    buf.truncate(n);
+                    let msg = match first.take() {
+                        Some(mut f) => {
+                            f.data = buf;
+                            f
+                        }
+                        None if n == 0 => return Ok::<(), String>(()),
+                        None => pb::WriteFileRequest { data: buf, ..Default::default() },
+                    };
+                    if tx.send(msg).await.is_err() || n == 0 {
+                        return Ok(());
+                    }
+                }
+            });
+            let r = c.files.write(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+            reader.await.map_err(|e| e.to_string())??;
+            Ok(r.map_err(st)?.into_inner().bytes)
+        }
+        (Some((id, path)), None) => {
+            let mut s = c
+                .files
+                .read(pb::ReadFileRequest { sandbox_id: id, path, offset: 0, length: 0 })
+                .await
+                .map_err(st)?
+                .into_inner();
+            let to_stdout = dst == "-";
+            let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if to_stdout {
+                Box::new(tokio::io::stdout())
+            } else {
+                Box::new(tokio::fs::File::create(dst).await.map_err(|e| format!("{dst}: {e}"))?)
+            };
+            let mut n = 0u64;
+            let r: Result<(), String> = async {
+                while let Some(chunk) = s.message().await.map_err(st)? {
+                    out.write_all(&chunk.data).await.map_err(|e| format!("{dst}: {e}"))?;
+                    n += chunk.data.len() as u64;
+                }
+                out.flush().await.map_err(|e| format!("{dst}: {e}"))
+            }
+            .await;
+            if let Err(e) = r {
+                if !to_stdout {
+                    // A cut copy is not left looking complete.
+                    let _ = std::fs::remove_file(dst);
+                }
+                return Err(e);
+            }
+            Ok(n)
+        }
+        _ => Err("grove cp: exactly one of SRC and DST is ID:/path".into()),
     }
 }
 
@@ -899,6 +997,12 @@ async fn run(cli: Cli) -> Result<u8, String> {
                 pty_cols: cols,
             };
             return exec(&mut c, req, interactive || tty).await;
+        }
+        Cmd::Cp { src, dst, parents } => {
+            let n = copy(&mut c, &src, &dst, parents).await?;
+            if j {
+                println!("{}", json!({ "bytes": n }));
+            }
         }
         Cmd::Ps { id } => {
             let r = c
