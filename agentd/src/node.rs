@@ -1560,6 +1560,141 @@ impl Node {
         Ok(self.layout.vmm_vsock(&rec.vmm))
     }
 
+    /// Fork exploration: forks `req.id` and starts each child's files and command; the
+    /// stream carries the fork first, then every child's events as they come.
+    pub async fn fork_run(
+        self: &Arc<Self>,
+        req: pb::ForkRunRequest,
+    ) -> Result<mpsc::Receiver<std::result::Result<pb::ForkRunEvent, tonic::Status>>> {
+        const MAX_FILES_BYTES: usize = 16 << 20;
+        validate::fork_count(req.count)?;
+        if req.children.len() > req.count as usize {
+            return Err(AgentError::InvalidArgument(format!(
+                "{} children for a count of {}",
+                req.children.len(),
+                req.count
+            )));
+        }
+        // Every child's work is checked before anything is forked.
+        let mut plans = Vec::with_capacity(req.count as usize);
+        for i in 0..req.count as usize {
+            let spec = req.children.get(i).cloned().unwrap_or_default();
+            let argv = if spec.argv.is_empty() { req.argv.clone() } else { spec.argv.clone() };
+            let mut env = req.env.clone();
+            env.extend(spec.env.clone());
+            let start = if argv.is_empty() {
+                None
+            } else {
+                let s = pb::StartProcessRequest {
+                    sandbox_id: String::new(),
+                    argv,
+                    env,
+                    cwd: req.cwd.clone(),
+                    timeout_seconds: req.timeout_seconds,
+                    ..Default::default()
+                };
+                Some(crate::procs::exec_start(&s)?)
+            };
+            let bytes: usize = spec.files.iter().map(|(p, d)| p.len() + d.len()).sum();
+            if bytes > MAX_FILES_BYTES {
+                return Err(AgentError::InvalidArgument(format!(
+                    "child {i}'s files take {bytes} bytes (at most {MAX_FILES_BYTES})"
+                )));
+            }
+            for p in spec.files.keys() {
+                crate::files::check_path(p)?;
+            }
+            let mut files: Vec<(String, Vec<u8>)> = spec.files.into_iter().collect();
+            files.sort();
+            plans.push((start, files));
+        }
+        // The parent must run guest-init's agent: the children's work goes through it.
+        self.agent_vsock(&req.id)?;
+        let child_labels =
+            req.children.iter().map(|c| pb::Labels { labels: c.labels.clone() }).collect();
+        let forked = self
+            .fork(pb::ForkRequest {
+                id: req.id.clone(),
+                count: req.count,
+                labels: req.labels.clone(),
+                child_labels,
+                ttl_seconds: req.ttl_seconds,
+            })
+            .await?;
+        let (tx, rx) = mpsc::channel(256);
+        let children = forked.children.clone();
+        let _ = tx
+            .send(Ok(pb::ForkRunEvent {
+                child: 0,
+                sandbox_id: String::new(),
+                event: Some(pb::fork_run_event::Event::Forked(forked)),
+            }))
+            .await;
+        for (i, (child, (start, files))) in children.into_iter().zip(plans).enumerate() {
+            let node = self.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let index = u32::try_from(i).unwrap_or(u32::MAX);
+                let id = child.id.clone();
+                let ev = |event| pb::ForkRunEvent { child: index, sandbox_id: id.clone(), event };
+                let r = node.run_in_child(&child.id, index, start, files).await;
+                match r {
+                    Err(e) => {
+                        let msg = e.one_line();
+                        let _ = tx.send(Ok(ev(Some(pb::fork_run_event::Event::Error(msg))))).await;
+                    }
+                    Ok(None) => {}
+                    Ok(Some(mut events)) => {
+                        while let Some(e) = events.recv().await {
+                            let Ok(e) = e else { break };
+                            let wrapped = ev(Some(pb::fork_run_event::Event::Process(e)));
+                            if tx.send(Ok(wrapped)).await.is_err() {
+                                break; // the client went away; the command runs on
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        Ok(rx)
+    }
+
+    /// One ForkRun child's work: its files, then its command (with its index and id).
+    async fn run_in_child(
+        &self,
+        id: &str,
+        index: u32,
+        start: Option<grove_proto::guest::ExecStart>,
+        files: Vec<(String, Vec<u8>)>,
+    ) -> Result<Option<mpsc::Receiver<std::result::Result<pb::ProcessEvent, tonic::Status>>>> {
+        let vsock = self.agent_vsock(id)?;
+        if !files.is_empty() {
+            crate::files::unary(vsock.clone(), "write", move |c| {
+                for (p, d) in &files {
+                    c.write_file_with(
+                        grove_proto::guest::FileWriteOpen {
+                            path: p.clone(),
+                            mkdir_parents: true,
+                            ..Default::default()
+                        },
+                        d,
+                    )?;
+                }
+                Ok(())
+            })
+            .await?;
+        }
+        let Some(mut start) = start else { return Ok(None) };
+        for (name, value) in
+            [("GROVE_CHILD_INDEX", index.to_string()), ("GROVE_SANDBOX_ID", id.into())]
+        {
+            start.env.retain(|e| e.name != name);
+            start.env.push(grove_proto::guest::EnvVar { name: name.into(), value });
+        }
+        let (_, events) = self.procs.start(id, &vsock, start, now_ms()).await?;
+        Ok(Some(events))
+    }
+
     /// The processes of a sandbox (all when empty).
     pub fn list_processes(&self, sandbox: &str) -> Result<Vec<pb::ProcessInfo>> {
         if !sandbox.is_empty() {

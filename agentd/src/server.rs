@@ -132,6 +132,20 @@ impl SandboxService for Api {
         self.run("Fork", self.node.fork(r.into_inner())).await
     }
 
+    type ForkRunStream = Stream_<pb::ForkRunEvent>;
+
+    async fn fork_run(
+        &self,
+        r: Request<pb::ForkRunRequest>,
+    ) -> Result<Response<Self::ForkRunStream>, Status> {
+        let node = self.node.clone();
+        self.run("ForkRun", async move {
+            let rx = node.fork_run(r.into_inner()).await?;
+            Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as Self::ForkRunStream)
+        })
+        .await
+    }
+
     type WatchStream = Stream_<pb::Event>;
 
     async fn watch(

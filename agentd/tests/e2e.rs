@@ -922,6 +922,25 @@ async fn process_requests_are_refused_without_an_agent_or_with_bad_input() {
     let sig = |signal| pb::SignalProcessRequest { process_id: "p-1".into(), signal };
     assert_eq!(code(c.process.signal(sig(0)).await), Code::InvalidArgument);
     assert_eq!(code(c.process.signal(sig(9)).await), Code::NotFound);
+    // ForkRun: refused before anything is forked.
+    let fr = |count, children: Vec<pb::ChildRun>| pb::ForkRunRequest {
+        id: s.id.clone(),
+        count,
+        argv: vec!["true".into()],
+        children,
+        ..Default::default()
+    };
+    let fr_code =
+        |r: Result<tonic::Response<tonic::Streaming<pb::ForkRunEvent>>, tonic::Status>| code(r);
+    assert_eq!(fr_code(c.sandbox.fork_run(fr(2, vec![])).await), Code::FailedPrecondition);
+    assert_eq!(fr_code(c.sandbox.fork_run(fr(0, vec![])).await), Code::InvalidArgument);
+    let three = vec![pb::ChildRun::default(); 3];
+    assert_eq!(fr_code(c.sandbox.fork_run(fr(2, three)).await), Code::InvalidArgument);
+    let mut rel = pb::ChildRun::default();
+    rel.files.insert("etc/x".into(), b"x".to_vec());
+    assert_eq!(fr_code(c.sandbox.fork_run(fr(1, vec![rel])).await), Code::InvalidArgument);
+    let all = c.sandbox.list(pb::ListRequest::default()).await.unwrap().into_inner().sandboxes;
+    assert_eq!(all.len(), 1, "nothing was forked: {all:?}");
     // Files: the same refusals.
     let stat = |path: &str| pb::StatFileRequest { sandbox_id: s.id.clone(), path: path.into() };
     assert_eq!(code(c.files.stat(stat("/etc")).await), Code::FailedPrecondition);

@@ -140,13 +140,25 @@ enum Cmd {
         #[arg(long, short = 's', default_value_t = 15)]
         signal: i32,
     },
-    /// Fork a running sandbox into N children; prints their ids.
+    /// Fork a running sandbox into N children; prints their ids. With `-- CMD…` (guest
+    /// agent needed) each child runs CMD as it starts (with GROVE_CHILD_INDEX and
+    /// GROVE_SANDBOX_ID set): its output is printed line by line as `[INDEX] …`, then one
+    /// line per child with its id and exit; grove exits 0 if every child's CMD exited 0.
     Fork {
         id: String,
         #[arg(long, short = 'n')]
         count: u32,
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
+        /// An environment variable of every child's CMD, K=V (repeatable).
+        #[arg(long = "env", short = 'e', value_parser = parse_label)]
+        env: Vec<(String, String)>,
+        /// An environment variable of one child's CMD, INDEX:K=V (repeatable).
+        #[arg(long = "child-env", value_parser = parse_child_env)]
+        child_env: Vec<(usize, String, String)>,
+        /// The command each child runs.
+        #[arg(last = true)]
+        run: Vec<String>,
     },
     /// Stream lifecycle events (of one sandbox, or all).
     Watch {
@@ -225,6 +237,13 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .ok_or_else(|| format!("label {s:?}: expected k=v"))
+}
+
+fn parse_child_env(s: &str) -> Result<(usize, String, String), String> {
+    let (i, kv) = s.split_once(':').ok_or_else(|| format!("{s:?}: expected INDEX:K=V"))?;
+    let i = i.parse().map_err(|_| format!("{s:?}: INDEX is a number"))?;
+    let (k, v) = parse_label(kv)?;
+    Ok((i, k, v))
 }
 
 fn labels(v: &[(String, String)]) -> HashMap<String, String> {
@@ -518,6 +537,74 @@ async fn copy(c: &mut Clients, src: &str, dst: &str, parents: bool) -> Result<u6
         }
         _ => Err("grove cp: exactly one of SRC and DST is ID:/path".into()),
     }
+}
+
+/// `grove fork … -- CMD`: prints each child's output as `[i] line`, then a summary.
+async fn fork_run(c: &mut Clients, req: pb::ForkRunRequest, j: bool) -> Result<u8, String> {
+    let st = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
+    let mut s = c.sandbox.fork_run(req).await.map_err(st)?.into_inner();
+    let mut ids: Vec<String> = Vec::new();
+    let mut partial: HashMap<(u32, i32), Vec<u8>> = HashMap::new();
+    let mut ends: HashMap<u32, String> = HashMap::new();
+    let mut ok = true;
+    let emit = |i: u32, stream: i32, line: &[u8]| {
+        let text = String::from_utf8_lossy(line);
+        let text = text.trim_end_matches(['\n', '\r']);
+        if j {
+            let name = if stream == pb::OutputStream::Stderr as i32 { "stderr" } else { "stdout" };
+            println!("{}", json!({"child": i, "stream": name, "line": text}));
+        } else if stream == pb::OutputStream::Stderr as i32 {
+            eprintln!("[{i}] {text}");
+        } else {
+            println!("[{i}] {text}");
+        }
+    };
+    while let Some(ev) = s.message().await.map_err(st)? {
+        match ev.event {
+            Some(pb::fork_run_event::Event::Forked(f)) => {
+                ids = f.children.iter().map(|ch| ch.id.clone()).collect();
+            }
+            Some(pb::fork_run_event::Event::Error(e)) => {
+                ok = false;
+                ends.insert(ev.child, format!("error: {e}"));
+            }
+            Some(pb::fork_run_event::Event::Process(p)) => match p.event {
+                Some(pb::process_event::Event::Output(o)) => {
+                    let buf = partial.entry((ev.child, o.stream)).or_default();
+                    buf.extend_from_slice(&o.data);
+                    while let Some(n) = buf.iter().position(|&b| b == b'\n') {
+                        let line: Vec<u8> = buf.drain(..=n).collect();
+                        emit(ev.child, o.stream, &line);
+                    }
+                }
+                Some(pb::process_event::Event::Exit(x)) => {
+                    for stream in [pb::OutputStream::Stdout as i32, pb::OutputStream::Stderr as i32]
+                    {
+                        if let Some(rest) = partial.remove(&(ev.child, stream)) {
+                            if !rest.is_empty() {
+                                emit(ev.child, stream, &rest);
+                            }
+                        }
+                    }
+                    ok &= matches!(x.status, Some(pb::process_exit::Status::Code(0)));
+                    ends.insert(ev.child, exit_text(&x));
+                }
+                _ => {}
+            },
+            None => {}
+        }
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let i = u32::try_from(i).unwrap_or(u32::MAX);
+        let end = ends.get(&i).cloned().unwrap_or_else(|| "no exit seen".into());
+        if j {
+            println!("{}", json!({"child": i, "sandbox_id": id, "end": end}));
+        } else {
+            println!("child {i} {id} {end}");
+        }
+        ok &= ends.contains_key(&i);
+    }
+    Ok(u8::from(!ok))
 }
 
 /// `grove exec`: returns the exit status to end with.
@@ -848,7 +935,29 @@ async fn run(cli: Cli) -> Result<u8, String> {
                 .into_inner();
             print_sandbox(j, &s);
         }
-        Cmd::Fork { id, count, labels: l } => {
+        Cmd::Fork { id, count, labels: l, env, child_env, run } if !run.is_empty() => {
+            let mut children: Vec<pb::ChildRun> = Vec::new();
+            for (i, k, v) in child_env {
+                if i >= count as usize {
+                    return Err(format!("--child-env {i}:…: there are {count} children"));
+                }
+                if children.len() <= i {
+                    children.resize(i + 1, pb::ChildRun::default());
+                }
+                children[i].env.insert(k, v);
+            }
+            let req = pb::ForkRunRequest {
+                id,
+                count,
+                labels: labels(&l),
+                argv: run,
+                env: labels(&env),
+                children,
+                ..Default::default()
+            };
+            return fork_run(&mut c, req, j).await;
+        }
+        Cmd::Fork { id, count, labels: l, .. } => {
             let r = c
                 .sandbox
                 .fork(pb::ForkRequest {

@@ -10,6 +10,7 @@ W="$(mktemp -d /tmp/grove-agentd.XXXXXX)"   # tmpfs in the test host: data dir, 
 DATA="$W/data"
 SOCK="$W/agentd.sock"
 AGENTD_PID=""
+FR=()
 # Cleanup, pass or fail: agentd (by PID), then the VMMs it started (they outlive it by
 # design; found by their pid files and checked to be ours by their command line).
 cleanup() {
@@ -156,6 +157,29 @@ g exec "$P" -- rm -f /run/big
 st=0; g cp "$P:/nonexistent" "$W/x" 2>"$W/cperr" || st=$?
 [ "$st" -ne 0 ] && grep -q NotFound "$W/cperr" || fail "cp of a missing file: status $st, $(cat "$W/cperr")"
 [ ! -e "$W/x" ] || fail "a failed cp left $W/x"
+
+# Fork exploration: the parent forked into 4 children, each running a command as it starts
+# with its own environment (per child: WORD), output streamed back per child on one stream;
+# the parent keeps running.
+g fork "$P" --count 4 --child-env 0:WORD=alpha --child-env 1:WORD=beta --child-env 2:WORD=gamma \
+  --child-env 3:WORD=delta -- sh -c 'echo "word=$WORD index=$GROVE_CHILD_INDEX id=$GROVE_SANDBOX_ID"; tail -n 1 /run/mine' \
+  >"$GROVE_OUT/forkrun.txt" || { cat "$GROVE_OUT/forkrun.txt"; fail "grove fork -- CMD failed"; }
+cat "$GROVE_OUT/forkrun.txt"
+i=0
+for w in alpha beta gamma delta; do
+  id="$(sed -n "s/^child $i \(sb-[0-9a-f]*\) exit 0$/\1/p" "$GROVE_OUT/forkrun.txt")"
+  [ -n "$id" ] || fail "child $i has no 'exit 0' summary line"
+  grep -qx "\[$i\] word=$w index=$i id=$id" "$GROVE_OUT/forkrun.txt" || fail "child $i did not print its own word and id"
+  v="$(sed -n "s/^\[$i\] \([0-9a-f]\{16\}\)$/\1/p" "$GROVE_OUT/forkrun.txt")"
+  [ -n "$v" ] || fail "child $i printed no entropy record"
+  FR+=("$id")
+  i=$((i + 1))
+done
+[ "$(grep -c '^\[[0-3]\] [0-9a-f]\{16\}$' "$GROVE_OUT/forkrun.txt")" -eq 4 ] || fail "not 4 records"
+[ "$(g --json get "$P" | jget 'd["state"]')" = running ] || fail "the parent does not run after the fork"
+[ "$(g --json get "$P" | jget 'len(d["children"])')" -eq 6 ] || fail "the parent does not list its 6 children"
+for id in "${FR[@]}"; do g rm "$id"; done
+log "fork exploration: 4 children ran their own command as they started; output per child on one stream"
 
 # Rewind restores a file's earlier content (disk and memory from the checkpoint).
 g exec "$P" -- sh -c 'echo one >/root/f && sync'
