@@ -7,6 +7,8 @@
 //! growing a buffer here; once the client is gone the events are dropped and the process
 //! runs on. Stdin, signals and resizes go through the connection's sending half. At most
 //! [`MAX_RUNNING`] processes run per node; the last [`KEEP_ENDED`] ended ones stay listed.
+//! Each process keeps its last [`KEEP_OUTPUT`] bytes of output and publishes its events on
+//! a broadcast channel, for `Connect` from other clients and `Wait`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
@@ -17,7 +19,7 @@ use std::time::{Duration, Instant};
 use grove_proto::client::{ClientError, ExecEvent, GuestClient, GuestSender};
 use grove_proto::guest::{exec_exit, EnvVar, ExecExit, ExecStart, PtySize, Stream, User};
 use grove_proto::v1 as pb;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::error::{AgentError, Result};
 
@@ -25,6 +27,10 @@ use crate::error::{AgentError, Result};
 pub const MAX_RUNNING: usize = 1024;
 /// Ended processes kept for List.
 pub const KEEP_ENDED: usize = 256;
+/// Output bytes kept per process for Connect's replay.
+pub const KEEP_OUTPUT: usize = 1 << 20;
+/// Live events a connected client may fall behind by.
+const LIVE_BUFFER: usize = 1024;
 /// How long a start waits for the guest's agent (a just-restored guest reconnects).
 const CONNECT_WAIT: Duration = Duration::from_secs(10);
 /// Events buffered per stream before the reader waits for the client.
@@ -45,7 +51,18 @@ pub struct Proc {
     exec: u64,
     pid: AtomicU32,
     exit: Mutex<Option<pb::ProcessExit>>,
+    /// Kept output and the live events (locked together, so a Connect misses nothing).
+    hub: Mutex<Hub>,
+    ended: watch::Sender<bool>,
 }
+
+struct Hub {
+    kept: VecDeque<pb::ProcessOutput>,
+    kept_bytes: usize,
+    live: broadcast::Sender<pb::ProcessEvent>,
+}
+
+type EventTx = mpsc::Sender<std::result::Result<pb::ProcessEvent, tonic::Status>>;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -199,14 +216,21 @@ impl Procs {
                     let mut c = GuestClient::connect_retry(&addr, deadline, CONNECT_WAIT, None)
                         .map_err(|e| guest("connect", e))?;
                     let exec = c.exec_start(start).map_err(|e| guest("exec", e))?;
-                    match c.exec_next(exec).map_err(|e| guest("exec", e))? {
-                        ExecEvent::Started(pid) => Ok((c, exec, pid)),
-                        other => Err(AgentError::Internal(format!(
-                            "the agent answered an exec with {other:?}"
-                        ))),
+                    // The agent may send output before its ExecStarted (its threads race):
+                    // what comes first is kept for the pump. A spawn failure is an error.
+                    let mut early = VecDeque::new();
+                    loop {
+                        match c.exec_next(exec).map_err(|e| guest("exec", e))? {
+                            ExecEvent::Started(pid) => return Ok((c, exec, pid, early)),
+                            e @ ExecEvent::Exit(_) => {
+                                early.push_back(e);
+                                return Ok((c, exec, 0, early));
+                            }
+                            e => early.push_back(e),
+                        }
                     }
                 })();
-                let (mut client, exec, pid) = match begun {
+                let (mut client, exec, pid, early) = match begun {
                     Ok(v) => v,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));
@@ -222,6 +246,12 @@ impl Procs {
                     exec,
                     pid: AtomicU32::new(pid),
                     exit: Mutex::new(None),
+                    hub: Mutex::new(Hub {
+                        kept: VecDeque::new(),
+                        kept_bytes: 0,
+                        live: broadcast::channel(LIVE_BUFFER).0,
+                    }),
+                    ended: watch::Sender::new(false),
                 });
                 lock(&procs.map).insert(p.id.clone(), p.clone());
                 let started = pb::ProcessEvent {
@@ -235,9 +265,15 @@ impl Procs {
                     // The request went away before the start was reported: the process
                     // runs on (it is listed), its output is dropped.
                 }
-                let exit = procs.pump(&mut client, exec, &tx);
-                *lock(&p.exit) = Some(exit.clone());
-                let ev = pb::ProcessEvent { event: Some(pb::process_event::Event::Exit(exit)) };
+                let exit = procs.pump(&p, &mut client, early, &tx);
+                let ev =
+                    pb::ProcessEvent { event: Some(pb::process_event::Event::Exit(exit.clone())) };
+                {
+                    let hub = lock(&p.hub);
+                    *lock(&p.exit) = Some(exit);
+                    let _ = hub.live.send(ev.clone());
+                }
+                p.ended.send_replace(true);
                 let _ = tx.blocking_send(Ok(ev));
                 procs.ended(&p.id);
             });
@@ -261,29 +297,44 @@ impl Procs {
     /// Forwards a process's output until it exits (or the guest goes away).
     fn pump(
         &self,
+        p: &Proc,
         client: &mut GuestClient,
-        exec: u64,
-        tx: &mpsc::Sender<std::result::Result<pb::ProcessEvent, tonic::Status>>,
+        mut early: VecDeque<ExecEvent>,
+        tx: &EventTx,
     ) -> pb::ProcessExit {
+        let exec = p.exec;
         let mut listening = true;
         loop {
-            match client.exec_next(exec) {
+            let next = match early.pop_front() {
+                Some(e) => Ok(e),
+                None => client.exec_next(exec),
+            };
+            match next {
                 Ok(ExecEvent::Output { stream, seq, data, .. }) => {
-                    if data.is_empty() || !listening {
-                        continue; // a stream's end, or nobody listens
+                    if data.is_empty() {
+                        continue; // a stream's end
                     }
                     let stream = match stream {
                         Stream::Stderr => pb::OutputStream::Stderr,
                         _ => pb::OutputStream::Stdout,
                     };
+                    let out = pb::ProcessOutput { stream: stream.into(), seq, data };
                     let ev = pb::ProcessEvent {
-                        event: Some(pb::process_event::Event::Output(pb::ProcessOutput {
-                            stream: stream.into(),
-                            seq,
-                            data,
-                        })),
+                        event: Some(pb::process_event::Event::Output(out.clone())),
                     };
-                    listening = tx.blocking_send(Ok(ev)).is_ok();
+                    {
+                        let mut hub = lock(&p.hub);
+                        hub.kept_bytes += out.data.len();
+                        hub.kept.push_back(out);
+                        while hub.kept_bytes > KEEP_OUTPUT {
+                            let Some(old) = hub.kept.pop_front() else { break };
+                            hub.kept_bytes -= old.data.len();
+                        }
+                        let _ = hub.live.send(ev.clone());
+                    }
+                    if listening {
+                        listening = tx.blocking_send(Ok(ev)).is_ok();
+                    }
                 }
                 Ok(ExecEvent::Exit(e)) => return exit_pb(&e),
                 Ok(ExecEvent::Started(_)) => {}
@@ -356,6 +407,82 @@ impl Procs {
             .collect();
         v.sort_by_key(|p| p.process_id.trim_start_matches("p-").parse::<u64>().unwrap_or(0));
         v
+    }
+
+    /// Attaches to a process: `started`, its kept output from `from_seq`, then the live
+    /// events until its exit.
+    pub fn connect(
+        &self,
+        id: &str,
+        from_seq: u64,
+    ) -> Result<mpsc::Receiver<std::result::Result<pb::ProcessEvent, tonic::Status>>> {
+        let p = self.get(id)?;
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let (replay, exit, mut live) = {
+            let hub = lock(&p.hub);
+            let replay: Vec<pb::ProcessOutput> =
+                hub.kept.iter().filter(|o| o.seq >= from_seq).cloned().collect();
+            (replay, lock(&p.exit).clone(), hub.live.subscribe())
+        };
+        let started = pb::ProcessEvent {
+            event: Some(pb::process_event::Event::Started(pb::ProcessStarted {
+                process_id: p.id.clone(),
+                pid: p.pid.load(Ordering::Relaxed),
+            })),
+        };
+        tokio::spawn(async move {
+            let ev = |e| pb::ProcessEvent { event: Some(e) };
+            if tx.send(Ok(started)).await.is_err() {
+                return;
+            }
+            let mut last = None;
+            for o in replay {
+                last = Some(o.seq);
+                if tx.send(Ok(ev(pb::process_event::Event::Output(o)))).await.is_err() {
+                    return;
+                }
+            }
+            if let Some(x) = exit {
+                let _ = tx.send(Ok(ev(pb::process_event::Event::Exit(x)))).await;
+                return;
+            }
+            loop {
+                match live.recv().await {
+                    Ok(e) => {
+                        // Output the replay already gave is not sent twice.
+                        if let Some(pb::process_event::Event::Output(o)) = &e.event {
+                            if last.is_some_and(|l| o.seq <= l) {
+                                continue;
+                            }
+                        }
+                        let end = matches!(e.event, Some(pb::process_event::Event::Exit(_)));
+                        if tx.send(Ok(e)).await.is_err() || end {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        let _ = tx
+                            .send(Err(tonic::Status::data_loss(format!(
+                                "fell {n} events behind the process's output: connect again \
+                                 from the last sequence number seen"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// Waits until a process ends; its exit.
+    pub async fn wait(&self, id: &str) -> Result<pb::ProcessExit> {
+        let p = self.get(id)?;
+        let mut rx = p.ended.subscribe();
+        let _ = rx.wait_for(|e| *e).await;
+        let exit = lock(&p.exit).clone();
+        exit.ok_or_else(|| AgentError::Internal("ended without an exit".into()))
     }
 
     /// Processes running now.

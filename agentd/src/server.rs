@@ -314,6 +314,28 @@ impl ProcessService for Api {
         .await
     }
 
+    type ConnectStream = Stream_<pb::ProcessEvent>;
+
+    async fn connect(
+        &self,
+        r: Request<pb::ConnectProcessRequest>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let r = r.into_inner();
+        self.run("ProcessConnect", async {
+            let rx = self.node.procs.connect(&r.process_id, r.from_seq)?;
+            Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as Self::ConnectStream)
+        })
+        .await
+    }
+
+    async fn wait(
+        &self,
+        r: Request<pb::WaitProcessRequest>,
+    ) -> Result<Response<pb::ProcessExit>, Status> {
+        let r = r.into_inner();
+        self.run("ProcessWait", self.node.procs.wait(&r.process_id)).await
+    }
+
     async fn list(
         &self,
         r: Request<pb::ListProcessesRequest>,

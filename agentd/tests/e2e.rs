@@ -922,6 +922,10 @@ async fn process_requests_are_refused_without_an_agent_or_with_bad_input() {
     let sig = |signal| pb::SignalProcessRequest { process_id: "p-1".into(), signal };
     assert_eq!(code(c.process.signal(sig(0)).await), Code::InvalidArgument);
     assert_eq!(code(c.process.signal(sig(9)).await), Code::NotFound);
+    let conn = pb::ConnectProcessRequest { process_id: "p-1".into(), from_seq: 0 };
+    assert_eq!(code(c.process.connect(conn).await), Code::NotFound);
+    let wait = pb::WaitProcessRequest { process_id: "p-1".into() };
+    assert_eq!(code(c.process.wait(wait).await), Code::NotFound);
     // ForkRun: refused before anything is forked.
     let fr = |count, children: Vec<pb::ChildRun>| pb::ForkRunRequest {
         id: s.id.clone(),

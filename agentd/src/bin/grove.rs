@@ -134,6 +134,15 @@ enum Cmd {
     },
     /// Processes started through agentd (of one sandbox, or all).
     Ps { id: Option<String> },
+    /// Attach to a running or ended process (from another terminal, after a disconnect):
+    /// its kept output from SEQ on, then the rest; exits with its status.
+    Attach {
+        process_id: String,
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+    },
+    /// Wait until a process ends; exits with its status.
+    Wait { process_id: String },
     /// Send a signal (a number, default 15) to a process.
     Kill {
         process_id: String,
@@ -609,12 +618,22 @@ async fn fork_run(c: &mut Clients, req: pb::ForkRunRequest, j: bool) -> Result<u
 
 /// `grove exec`: returns the exit status to end with.
 async fn exec(c: &mut Clients, req: pb::StartProcessRequest, feed: bool) -> Result<u8, String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let st = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
     let tty = req.pty_rows > 0;
-    let mut events = c.process.start(req).await.map_err(st)?.into_inner();
+    let events = c.process.start(req).await.map_err(st)?.into_inner();
     let _raw =
         if tty && std::io::stdin().is_terminal() { Some(RawTerminal::enter()) } else { None };
+    follow(c, events, feed).await
+}
+
+/// Prints a process's events (feeding it grove's stdin with `feed`); its exit status.
+async fn follow(
+    c: &mut Clients,
+    mut events: tonic::Streaming<pb::ProcessEvent>,
+    feed: bool,
+) -> Result<u8, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let st = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
     let mut out = tokio::io::stdout();
     let mut err = tokio::io::stderr();
     let mut feeder: Option<tokio::task::JoinHandle<()>> = None;
@@ -1154,6 +1173,32 @@ async fn run(cli: Cli) -> Result<u8, String> {
                     .collect();
                 table(&["PROCESS", "SANDBOX", "PID", "STATE", "COMMAND"], &rows);
             }
+        }
+        Cmd::Attach { process_id, from } => {
+            let events = c
+                .process
+                .connect(pb::ConnectProcessRequest { process_id, from_seq: from })
+                .await
+                .map_err(st)?
+                .into_inner();
+            return follow(&mut c, events, false).await;
+        }
+        Cmd::Wait { process_id } => {
+            let x = c
+                .process
+                .wait(pb::WaitProcessRequest { process_id })
+                .await
+                .map_err(st)?
+                .into_inner();
+            println!("{}", exit_text(&x));
+            return Ok(match x.status {
+                _ if !x.error.is_empty() => 1,
+                Some(pb::process_exit::Status::Code(c)) => u8::try_from(c & 0xff).unwrap_or(1),
+                Some(pb::process_exit::Status::Signal(s)) => {
+                    u8::try_from((128 + s) & 0xff).unwrap_or(1)
+                }
+                None => 1,
+            });
         }
         Cmd::Kill { process_id, signal } => {
             c.process.signal(pb::SignalProcessRequest { process_id, signal }).await.map_err(st)?;

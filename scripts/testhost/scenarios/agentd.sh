@@ -140,6 +140,23 @@ done
 g kill -s 9 "$pid"
 st=0; wait "$EX" || st=$?
 [ "$st" -eq 137 ] || fail "the killed exec ended with $st, not 137"
+st=0; g wait "$pid" || st=$?
+[ "$st" -eq 137 ] || fail "grove wait of the killed process: $st, not 137"
+# A client that goes away mid-stream leaves its process running; another client attaches
+# (Connect) and gets the kept output from the start, the rest live, and the exit status.
+g exec "$P" -- sh -c 'for i in 1 2 3 4; do echo n=$i; sleep 1; done; exit 3' >/dev/null & EX=$!
+pid=""
+for _ in $(seq 150); do
+  pid="$(g --json ps "$P" | jget '"".join(p["process_id"] for p in d if p["running"] and p["argv"][0] == "sh")')"
+  [ -n "$pid" ] && break
+  sleep 0.2
+done
+[ -n "$pid" ] || fail "the loop did not show in grove ps"
+kill -9 "$EX"; wait "$EX" 2>/dev/null || true
+st=0; g attach "$pid" >"$W/attach.out" || st=$?
+[ "$st" -eq 3 ] || fail "grove attach: status $st, not 3"
+[ "$(cat "$W/attach.out")" = "$(printf 'n=1\nn=2\nn=3\nn=4')" ] || fail "grove attach printed '$(cat "$W/attach.out")'"
+log "exec: a disconnected client's process ran on; grove attach replayed all of its output and its status"
 g ps
 # Files (FilesystemService) through grove cp: 64 MiB both ways, byte for byte (into /run,
 # a tmpfs: the 64 MiB root disk would fill); a missing file is NotFound.
