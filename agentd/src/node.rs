@@ -1528,7 +1528,7 @@ impl Node {
 
     /// Starts a process in a running sandbox whose template runs guest-init's agent.
     pub async fn start_process(
-        &self,
+        self: &Arc<Self>,
         req: &pb::StartProcessRequest,
     ) -> Result<(
         Arc<crate::procs::Proc>,
@@ -1536,7 +1536,46 @@ impl Node {
     )> {
         let start = crate::procs::exec_start(req)?;
         let vsock = self.agent_vsock(&req.sandbox_id)?;
-        self.procs.start(&req.sandbox_id, &vsock, start, now_ms()).await
+        let (p, rx) = self.procs.start(&req.sandbox_id, &vsock, start, now_ms()).await?;
+        if !req.checkpoint {
+            return Ok((p, rx));
+        }
+        Ok((p.clone(), self.checkpoint_after(req.sandbox_id.clone(), p.id.clone(), rx)))
+    }
+
+    /// Forwards a process's events; at its exit, snapshots the sandbox and names the
+    /// snapshot in the exit event. Runs to the exit even when the client is gone.
+    fn checkpoint_after(
+        self: &Arc<Self>,
+        sandbox: String,
+        process: String,
+        mut rx: mpsc::Receiver<std::result::Result<pb::ProcessEvent, tonic::Status>>,
+    ) -> mpsc::Receiver<std::result::Result<pb::ProcessEvent, tonic::Status>> {
+        let (tx, out) = mpsc::channel(64);
+        let node = self.clone();
+        tokio::spawn(async move {
+            let mut listening = true;
+            while let Some(ev) = rx.recv().await {
+                let ev = match ev {
+                    Ok(pb::ProcessEvent { event: Some(pb::process_event::Event::Exit(mut x)) }) => {
+                        let labels =
+                            HashMap::from([("grove.process".to_string(), process.clone())]);
+                        let req = pb::SnapshotRequest { id: sandbox.clone(), labels };
+                        match node.snapshot(req).await {
+                            Ok(s) => x.checkpoint_snapshot_id = s.id,
+                            Err(e) => x.checkpoint_error = e.one_line(),
+                        }
+                        tracing::info!(sandbox = %sandbox, process = %process, snapshot = x.checkpoint_snapshot_id, "checkpoint after the process");
+                        Ok(pb::ProcessEvent { event: Some(pb::process_event::Event::Exit(x)) })
+                    }
+                    other => other,
+                };
+                if listening {
+                    listening = tx.send(ev).await.is_ok();
+                }
+            }
+        });
+        out
     }
 
     /// The vsock socket of a running sandbox whose template runs guest-init's agent.

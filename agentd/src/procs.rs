@@ -175,7 +175,7 @@ fn exit_pb(e: &ExecExit) -> pb::ProcessExit {
             None => None,
         },
         timed_out: e.timed_out,
-        error: String::new(),
+        ..Default::default()
     }
 }
 
@@ -341,8 +341,8 @@ impl Procs {
                 Err(e) => {
                     return pb::ProcessExit {
                         status: None,
-                        timed_out: false,
                         error: crate::error::one_line(&guest("exec", e)),
+                        ..Default::default()
                     }
                 }
             }

@@ -271,8 +271,9 @@ impl ProcessService for Api {
         r: Request<pb::StartProcessRequest>,
     ) -> Result<Response<Self::StartStream>, Status> {
         let req = r.into_inner();
-        self.run("ProcessStart", async {
-            let (_, rx) = self.node.start_process(&req).await?;
+        let node = self.node.clone();
+        self.run("ProcessStart", async move {
+            let (_, rx) = node.start_process(&req).await?;
             Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as Self::StartStream)
         })
         .await

@@ -119,6 +119,10 @@ enum Cmd {
         /// Kill it after this many seconds.
         #[arg(long, default_value_t = 0)]
         timeout: u32,
+        /// Snapshot the sandbox once the command exits (a checkpoint for `grove rewind`);
+        /// prints `checkpoint N` on stderr.
+        #[arg(long)]
+        checkpoint: bool,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         argv: Vec<String>,
@@ -673,6 +677,12 @@ async fn follow(
                 if !x.error.is_empty() {
                     return Err(format!("the process's end was not seen: {}", x.error));
                 }
+                if x.checkpoint_snapshot_id != 0 {
+                    eprintln!("checkpoint {}", x.checkpoint_snapshot_id);
+                }
+                if !x.checkpoint_error.is_empty() {
+                    eprintln!("grove: no checkpoint: {}", x.checkpoint_error);
+                }
                 let code = match x.status {
                     Some(pb::process_exit::Status::Code(c)) => u8::try_from(c & 0xff).unwrap_or(1),
                     Some(pb::process_exit::Status::Signal(s)) => {
@@ -1105,7 +1115,7 @@ async fn run(cli: Cli) -> Result<u8, String> {
             let m = c.node.metrics(pb::MetricsRequest {}).await.map_err(st)?.into_inner();
             print!("{}", m.text);
         }
-        Cmd::Exec { id, interactive, tty, env, cwd, user, timeout, argv } => {
+        Cmd::Exec { id, interactive, tty, env, cwd, user, timeout, checkpoint, argv } => {
             let (rows, cols) = if tty {
                 rustix::termios::tcgetwinsize(rustix::stdio::stdout())
                     .map(|w| (u32::from(w.ws_row.max(1)), u32::from(w.ws_col.max(1))))
@@ -1123,6 +1133,7 @@ async fn run(cli: Cli) -> Result<u8, String> {
                 stdin: interactive || tty,
                 pty_rows: rows,
                 pty_cols: cols,
+                checkpoint,
             };
             return exec(&mut c, req, interactive || tty).await;
         }

@@ -208,9 +208,19 @@ out="$(g exec "$P" -- cat /root/f)"
 [ "$out" = one ] || fail "after rewind to snapshot $S1, /root/f holds '$out', not one"
 wait_ticks "$P" 2 300
 log "rewind: /root/f back to 'one' from checkpoint $S1; the parent ticks on"
+# A checkpoint taken when a process exits (exec --checkpoint), then rewound to.
+S2="$(g exec --checkpoint "$P" -- sh -c 'echo three >/root/f && sync' 2>&1 >/dev/null | sed -n 's/^checkpoint //p')"
+[ -n "$S2" ] || fail "exec --checkpoint named no checkpoint"
+g snapshots ls | grep -q "grove.process=p-" || fail "the checkpoint is not labelled with its process"
+g exec "$P" -- sh -c 'echo four >/root/f && sync'
+g rewind "$P" "$S2" >/dev/null
+out="$(g exec "$P" -- cat /root/f)"
+[ "$out" = three ] || fail "after rewind to checkpoint $S2, /root/f holds '$out', not three"
+log "checkpoint after a process: snapshot $S2; rewind to it gives /root/f = three"
 
 # Delete all; then nothing is left.
 for id in "${C[@]}" "$P"; do g rm "$id"; done
+g snapshots rm "$S2"
 g snapshots rm "$S1"
 [ "$(g --json ls | jget 'len(d)')" -eq 0 ] || fail "sandboxes left after delete"
 g template rm linux
