@@ -75,6 +75,11 @@ impl AgentError {
         AgentError::Io { op, path: path.as_ref().display().to_string(), source }
     }
 
+    /// A guest agent client error for `what`.
+    pub fn guest(what: impl Into<String>, source: grove_proto::client::ClientError) -> Self {
+        AgentError::Guest { what: what.into(), source }
+    }
+
     /// A VMM client error for `what`.
     pub fn vmm(what: impl Into<String>, source: ClientError) -> Self {
         AgentError::Vmm { what: what.into(), source }

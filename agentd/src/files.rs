@@ -34,10 +34,6 @@ const CONNECT_WAIT: Duration = Duration::from_secs(10);
 /// How long one answer may take (a hang guard, not a deadline for the whole call).
 const ANSWER_WAIT: Duration = Duration::from_secs(120);
 
-fn guest(what: &str, source: ClientError) -> AgentError {
-    AgentError::Guest { what: what.to_string(), source }
-}
-
 /// An absolute guest path of bounded length without NUL bytes.
 pub fn check_path(p: &str) -> Result<()> {
     if !p.starts_with('/') {
@@ -51,20 +47,17 @@ pub fn check_path(p: &str) -> Result<()> {
     Ok(())
 }
 
-/// A connection to the guest's agent behind `vsock`.
-pub fn connect_agent(vsock: &Path) -> Result<GuestClient> {
-    connect(vsock)
+/// A connection to the guest's agent behind `vsock` (retried for up to 10 s while a
+/// just-restored guest's agent comes back); `answer` bounds each wait for an answer.
+pub fn connect_agent(vsock: &Path, answer: Option<Duration>) -> Result<GuestClient> {
+    let addr = format!("vsock-uds:{}:{}", vsock.display(), grove_proto::GUEST_VSOCK_PORT);
+    GuestClient::connect_retry(&addr, Instant::now() + CONNECT_WAIT, CONNECT_WAIT, answer)
+        .map_err(|e| AgentError::guest("connect", e))
 }
 
-fn connect(vsock: &Path) -> Result<GuestClient> {
-    let addr = format!("vsock-uds:{}:{}", vsock.display(), grove_proto::GUEST_VSOCK_PORT);
-    GuestClient::connect_retry(
-        &addr,
-        Instant::now() + CONNECT_WAIT,
-        CONNECT_WAIT,
-        Some(ANSWER_WAIT),
-    )
-    .map_err(|e| guest("connect", e))
+/// [`connect_agent`] for file calls (each answer within 120 s).
+pub fn connect(vsock: &Path) -> Result<GuestClient> {
+    connect_agent(vsock, Some(ANSWER_WAIT))
 }
 
 /// A guest file's description as the API gives it, named `path`.
@@ -95,7 +88,7 @@ pub async fn unary<T: Send + 'static>(
 ) -> Result<T> {
     tokio::task::spawn_blocking(move || {
         let mut c = connect(&vsock)?;
-        f(&mut c).map_err(|e| guest(what, e))
+        f(&mut c).map_err(|e| AgentError::guest(what, e))
     })
     .await
     .map_err(|e| AgentError::Internal(format!("file call: {e}")))?
@@ -109,7 +102,7 @@ pub fn list(c: &mut GuestClient, path: &str, depth: u32) -> Result<Vec<pb::FileI
         let mut next = Vec::new();
         for dir in &level {
             let shown = if dir.is_empty() { "/" } else { dir.as_str() };
-            for e in c.list(shown).map_err(|e| guest("list", e))? {
+            for e in c.list(shown).map_err(|e| AgentError::guest("list", e))? {
                 let full = format!("{dir}/{}", e.name);
                 if e.kind() == FileKind::Directory {
                     next.push(full.clone());
@@ -191,8 +184,9 @@ pub fn read(
         move || {
             let _slot = slot;
             let mut sink = ChunkSink { tx: tx.clone(), offset: req.offset };
-            let r = connect(&vsock)
-                .and_then(|mut c| c.read_file_to(req, &mut sink).map_err(|e| guest("read", e)));
+            let r = connect(&vsock).and_then(|mut c| {
+                c.read_file_to(req, &mut sink).map_err(|e| AgentError::guest("read", e))
+            });
             if let Err(e) = r {
                 let _ = tx.blocking_send(Err(e.into()));
             }
@@ -249,8 +243,9 @@ pub async fn write(
         .spawn(move || {
             let _slot = slot;
             let mut src = ChanReader { rx, buf: Vec::new(), pos: 0 };
-            let r = connect(&vsock)
-                .and_then(|mut c| c.write_file_from(open, &mut src).map_err(|e| guest("write", e)));
+            let r = connect(&vsock).and_then(|mut c| {
+                c.write_file_from(open, &mut src).map_err(|e| AgentError::guest("write", e))
+            });
             let _ = done_tx.send(r);
         })
         .map_err(|e| AgentError::Internal(format!("file writer thread: {e}")))?;

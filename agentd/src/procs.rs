@@ -14,9 +14,8 @@ use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
-use grove_proto::client::{ClientError, ExecEvent, GuestClient, GuestSender};
+use grove_proto::client::{ExecEvent, GuestClient, GuestSender};
 use grove_proto::guest::{exec_exit, EnvVar, ExecExit, ExecStart, PtySize, Stream, User};
 use grove_proto::v1 as pb;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -31,8 +30,6 @@ pub const KEEP_ENDED: usize = 256;
 pub const KEEP_OUTPUT: usize = 1 << 20;
 /// Live events a connected client may fall behind by.
 const LIVE_BUFFER: usize = 1024;
-/// How long a start waits for the guest's agent (a just-restored guest reconnects).
-const CONNECT_WAIT: Duration = Duration::from_secs(10);
 /// Events buffered per stream before the reader waits for the client.
 const STREAM_BUFFER: usize = 64;
 /// Bounds on a start request.
@@ -66,10 +63,6 @@ type EventTx = mpsc::Sender<std::result::Result<pb::ProcessEvent, tonic::Status>
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn guest(what: &str, source: ClientError) -> AgentError {
-    AgentError::Guest { what: what.to_string(), source }
 }
 
 impl Proc {
@@ -200,7 +193,7 @@ impl Procs {
         }
         let n = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let id = format!("p-{n}");
-        let addr = format!("vsock-uds:{}:{}", vsock.display(), grove_proto::GUEST_VSOCK_PORT);
+        let vsock = vsock.to_path_buf();
         let argv = start.argv.clone();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let (ready_tx, ready_rx) = oneshot::channel();
@@ -212,15 +205,14 @@ impl Procs {
             .spawn(move || {
                 // Connect and start; the first answer is ExecStarted or the guest's error.
                 let begun = (|| {
-                    let deadline = Instant::now() + CONNECT_WAIT;
-                    let mut c = GuestClient::connect_retry(&addr, deadline, CONNECT_WAIT, None)
-                        .map_err(|e| guest("connect", e))?;
-                    let exec = c.exec_start(start).map_err(|e| guest("exec", e))?;
+                    // No answer timeout: a process may stay silent for hours.
+                    let mut c = crate::files::connect_agent(&vsock, None)?;
+                    let exec = c.exec_start(start).map_err(|e| AgentError::guest("exec", e))?;
                     // The agent may send output before its ExecStarted (its threads race):
                     // what comes first is kept for the pump. A spawn failure is an error.
                     let mut early = VecDeque::new();
                     loop {
-                        match c.exec_next(exec).map_err(|e| guest("exec", e))? {
+                        match c.exec_next(exec).map_err(|e| AgentError::guest("exec", e))? {
                             ExecEvent::Started(pid) => return Ok((c, exec, pid, early)),
                             e @ ExecEvent::Exit(_) => {
                                 early.push_back(e);
@@ -341,7 +333,7 @@ impl Procs {
                 Err(e) => {
                     return pb::ProcessExit {
                         status: None,
-                        error: crate::error::one_line(&guest("exec", e)),
+                        error: crate::error::one_line(&AgentError::guest("exec", e)),
                         ..Default::default()
                     }
                 }
@@ -374,7 +366,7 @@ impl Procs {
         }
         let p = self.get(id)?;
         p.check_running()?;
-        p.sender.stdin(p.exec, data, eof).map_err(|e| guest("stdin", e))
+        p.sender.stdin(p.exec, data, eof).map_err(|e| AgentError::guest("stdin", e))
     }
 
     /// Signals a process's group.
@@ -384,7 +376,7 @@ impl Procs {
         }
         let p = self.get(id)?;
         p.check_running()?;
-        p.sender.signal(p.exec, signal).map_err(|e| guest("signal", e))
+        p.sender.signal(p.exec, signal).map_err(|e| AgentError::guest("signal", e))
     }
 
     /// Resizes a PTY process's terminal.
@@ -394,7 +386,7 @@ impl Procs {
         }
         let p = self.get(id)?;
         p.check_running()?;
-        p.sender.resize(p.exec, rows, cols).map_err(|e| guest("resize", e))
+        p.sender.resize(p.exec, rows, cols).map_err(|e| AgentError::guest("resize", e))
     }
 
     /// The processes of `sandbox` (all when empty), by id.

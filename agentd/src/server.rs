@@ -442,7 +442,7 @@ impl FilesystemService for Api {
             let vsock = self.node.agent_vsock(&r.sandbox_id)?;
             let (path, depth) = (r.path, r.depth);
             let entries = tokio::task::spawn_blocking(move || {
-                let mut c = files::connect_agent(&vsock)?;
+                let mut c = files::connect(&vsock)?;
                 files::list(&mut c, &path, depth)
             })
             .await

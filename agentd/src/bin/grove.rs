@@ -683,14 +683,7 @@ async fn follow(
                 if !x.checkpoint_error.is_empty() {
                     eprintln!("grove: no checkpoint: {}", x.checkpoint_error);
                 }
-                let code = match x.status {
-                    Some(pb::process_exit::Status::Code(c)) => u8::try_from(c & 0xff).unwrap_or(1),
-                    Some(pb::process_exit::Status::Signal(s)) => {
-                        u8::try_from((128 + s) & 0xff).unwrap_or(1)
-                    }
-                    None => 1,
-                };
-                return Ok(code);
+                return Ok(exit_status(&x));
             }
             _ => {}
         }
@@ -1202,20 +1195,23 @@ async fn run(cli: Cli) -> Result<u8, String> {
                 .map_err(st)?
                 .into_inner();
             println!("{}", exit_text(&x));
-            return Ok(match x.status {
-                _ if !x.error.is_empty() => 1,
-                Some(pb::process_exit::Status::Code(c)) => u8::try_from(c & 0xff).unwrap_or(1),
-                Some(pb::process_exit::Status::Signal(s)) => {
-                    u8::try_from((128 + s) & 0xff).unwrap_or(1)
-                }
-                None => 1,
-            });
+            return Ok(exit_status(&x));
         }
         Cmd::Kill { process_id, signal } => {
             c.process.signal(pb::SignalProcessRequest { process_id, signal }).await.map_err(st)?;
         }
     }
     Ok(0)
+}
+
+/// The status grove ends with for a process's exit: its code, 128+N for signal N, else 1.
+fn exit_status(x: &pb::ProcessExit) -> u8 {
+    match x.status {
+        _ if !x.error.is_empty() => 1,
+        Some(pb::process_exit::Status::Code(c)) => u8::try_from(c & 0xff).unwrap_or(1),
+        Some(pb::process_exit::Status::Signal(s)) => u8::try_from((128 + s) & 0xff).unwrap_or(1),
+        None => 1,
+    }
 }
 
 fn exit_text(x: &pb::ProcessExit) -> String {

@@ -129,14 +129,19 @@ log "exec: each of the 3 VMs read its own /run/mine"
 out="$(g exec -t "$P" -- stty size </dev/null | tr -d '\r')"
 [ "$out" = "24 80" ] || fail "PTY size '$out'"
 # A signal through grove kill ends a running process; the exec's status is 128+9.
+# running_proc ARGV0: the process id of the parent's running process ARGV0 (waits 30 s).
+running_proc() {
+  local p=""
+  for _ in $(seq 150); do
+    p="$(g --json ps "$P" | jget '"".join(p["process_id"] for p in d if p["running"] and p["argv"][0] == "'"$1"'")')"
+    [ -n "$p" ] && break
+    sleep 0.2
+  done
+  [ -n "$p" ] || { echo "scenario: FAIL: no running $1 in grove ps" >&2; exit 1; }  # in $(...): to the log
+  echo "$p"
+}
 g exec "$P" -- sleep 300 >/dev/null & EX=$!
-pid=""
-for _ in $(seq 150); do
-  pid="$(g --json ps "$P" | jget '"".join(p["process_id"] for p in d if p["running"] and p["argv"][0] == "sleep")')"
-  [ -n "$pid" ] && break
-  sleep 0.2
-done
-[ -n "$pid" ] || fail "the sleep did not show in grove ps"
+pid="$(running_proc sleep)"
 g kill -s 9 "$pid"
 st=0; wait "$EX" || st=$?
 [ "$st" -eq 137 ] || fail "the killed exec ended with $st, not 137"
@@ -145,13 +150,7 @@ st=0; g wait "$pid" || st=$?
 # A client that goes away mid-stream leaves its process running; another client attaches
 # (Connect) and gets the kept output from the start, the rest live, and the exit status.
 g exec "$P" -- sh -c 'for i in 1 2 3 4; do echo n=$i; sleep 1; done; exit 3' >/dev/null & EX=$!
-pid=""
-for _ in $(seq 150); do
-  pid="$(g --json ps "$P" | jget '"".join(p["process_id"] for p in d if p["running"] and p["argv"][0] == "sh")')"
-  [ -n "$pid" ] && break
-  sleep 0.2
-done
-[ -n "$pid" ] || fail "the loop did not show in grove ps"
+pid="$(running_proc sh)"
 kill -9 "$EX"; wait "$EX" 2>/dev/null || true
 st=0; g attach "$pid" >"$W/attach.out" || st=$?
 [ "$st" -eq 3 ] || fail "grove attach: status $st, not 3"
