@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use grove_proto::client::{ClientError, GuestClient};
-use grove_proto::guest::{FileInfo, FileKind, FileRead, FileWriteOpen};
+use grove_proto::guest::{FileInfo, FileKind, FileRead, FileWriteOpen, WatchEvent, WatchKind};
 use grove_proto::v1 as pb;
 use tokio::sync::mpsc;
 
@@ -29,6 +29,9 @@ pub const MAX_DEPTH: u32 = 32;
 pub const MAX_PATH: usize = 4096;
 /// Read and Write streams open at once on a node.
 pub const MAX_STREAMS: usize = 256;
+/// Watch streams open at once on a node (each holds a guest connection and a thread here
+/// and in the guest).
+pub const MAX_WATCHES: usize = 1024;
 /// How long a call waits for the guest's agent (a just-restored guest reconnects).
 const CONNECT_WAIT: Duration = Duration::from_secs(10);
 /// How long one answer may take (a hang guard, not a deadline for the whole call).
@@ -124,26 +127,43 @@ pub fn list(c: &mut GuestClient, path: &str, depth: u32) -> Result<Vec<pb::FileI
     Ok(out)
 }
 
-/// Counts the open streams; one is given back when its guard drops.
-#[derive(Default)]
-pub struct Streams(AtomicUsize);
+/// Counts open streams of one kind against a limit; one is given back when its guard drops.
+pub struct Streams {
+    open: AtomicUsize,
+    max: usize,
+    what: &'static str,
+}
+
+impl Default for Streams {
+    /// Read and Write streams.
+    fn default() -> Self {
+        Self::new(MAX_STREAMS, "file streams")
+    }
+}
 
 /// One open stream.
 pub struct StreamSlot(Arc<Streams>);
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
-        self.0 .0.fetch_sub(1, Ordering::SeqCst);
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
 impl Streams {
+    /// At most `max` open at once (`what` names them in the refusal).
+    #[must_use]
+    pub fn new(max: usize, what: &'static str) -> Self {
+        Self { open: AtomicUsize::new(0), max, what }
+    }
+
     /// A slot, or RESOURCE_EXHAUSTED.
     pub fn take(self: &Arc<Self>) -> Result<StreamSlot> {
-        if self.0.fetch_add(1, Ordering::SeqCst) >= MAX_STREAMS {
-            self.0.fetch_sub(1, Ordering::SeqCst);
+        if self.open.fetch_add(1, Ordering::SeqCst) >= self.max {
+            self.open.fetch_sub(1, Ordering::SeqCst);
             return Err(AgentError::ResourceExhausted(format!(
-                "{MAX_STREAMS} file streams are open on this node already"
+                "{} {} are open on this node already",
+                self.max, self.what
             )));
         }
         Ok(StreamSlot(self.clone()))
@@ -283,9 +303,133 @@ pub async fn write(
     done_rx.await.map_err(|_| AgentError::Internal("the file writer ended".into()))?
 }
 
+type EventTx = mpsc::Sender<std::result::Result<pb::FileEvent, tonic::Status>>;
+
+/// A guest watch event as the API gives it: `dir`'s entry `name`.
+pub fn event_pb(dir: &str, ev: &WatchEvent) -> pb::FileEvent {
+    let kind = match ev.kind() {
+        WatchKind::Created => pb::FileEventKind::Created,
+        WatchKind::Modified => pb::FileEventKind::Modified,
+        WatchKind::Removed => pb::FileEventKind::Removed,
+        WatchKind::MovedFrom => pb::FileEventKind::RenamedFrom,
+        WatchKind::MovedTo => pb::FileEventKind::RenamedTo,
+        WatchKind::Unspecified => pb::FileEventKind::Unspecified,
+    };
+    let dir = dir.trim_end_matches('/');
+    pb::FileEvent { path: format!("{dir}/{}", ev.name), kind: kind.into(), is_dir: ev.is_dir }
+}
+
+/// Watches directory `dir` in the guest: returns once the guest has the watch in place (or
+/// refused it), with the stream of its events. A thread of its own reads the guest's
+/// events; when the client goes away the watch is cancelled in the guest, and when the
+/// guest connection ends (the sandbox stopped, was rewound or deleted) the stream ends with
+/// UNAVAILABLE.
+pub async fn watch(
+    vsock: PathBuf,
+    dir: String,
+    slot: StreamSlot,
+) -> Result<mpsc::Receiver<std::result::Result<pb::FileEvent, tonic::Status>>> {
+    let (tx, rx) = mpsc::channel(64);
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let events = tx.clone();
+    std::thread::Builder::new()
+        .name("file-watch".into())
+        .stack_size(256 << 10)
+        .spawn(move || {
+            let _slot = slot;
+            let _done = done_tx;
+            let started = connect(&vsock).and_then(|mut c| {
+                let id = c.watch_start(&dir).map_err(|e| AgentError::guest("watch", e))?;
+                // Events come when they come: no answer timeout from here on.
+                c.set_timeout(None).map_err(|e| AgentError::guest("watch", e))?;
+                Ok((c, id))
+            });
+            let (mut c, id) = match started {
+                Ok((c, id)) => {
+                    let _ = ready_tx.send(Ok((c.sender(), id)));
+                    (c, id)
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            forward_events(&mut c, id, &dir, &events);
+        })
+        .map_err(|e| AgentError::Internal(format!("file watch thread: {e}")))?;
+    let (sender, id) = ready_rx
+        .await
+        .map_err(|_| AgentError::Internal("the file watch thread ended".into()))??;
+    // The client's end: cancel the watch in the guest (its thread then sees the end).
+    tokio::spawn(async move {
+        tokio::select! {
+            () = tx.closed() => {
+                let _ = tokio::task::spawn_blocking(move || sender.cancel(id)).await;
+            }
+            _ = done_rx => {}
+        }
+    });
+    Ok(rx)
+}
+
+/// Hands watch `id`'s events to `tx` until the watch ends, the client goes away or the
+/// connection fails (then the stream gets the error).
+fn forward_events(c: &mut GuestClient, id: u64, dir: &str, tx: &EventTx) {
+    loop {
+        match c.watch_next(id) {
+            Ok(Some(ev)) => {
+                if tx.blocking_send(Ok(event_pb(dir, &ev))).is_err() {
+                    return;
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                let _ = tx.blocking_send(Err(AgentError::guest("watch", e).into()));
+                return;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn watch_events_name_the_full_path_and_their_kind() {
+        let ev = |name: &str, kind: WatchKind, is_dir| WatchEvent {
+            name: name.into(),
+            kind: kind.into(),
+            is_dir,
+        };
+        let e = event_pb("/root/", &ev("f", WatchKind::Created, false));
+        assert_eq!(
+            (e.path.as_str(), e.kind(), e.is_dir),
+            ("/root/f", pb::FileEventKind::Created, false)
+        );
+        let e = event_pb("/", &ev("d", WatchKind::MovedTo, true));
+        assert_eq!(
+            (e.path.as_str(), e.kind(), e.is_dir),
+            ("/d", pb::FileEventKind::RenamedTo, true)
+        );
+        let e = event_pb("/run", &ev("x", WatchKind::Removed, false));
+        assert_eq!(e.kind(), pb::FileEventKind::Removed);
+    }
+
+    #[test]
+    fn streams_are_bounded_and_given_back() {
+        let s = Arc::new(Streams::new(2, "watches"));
+        let a = s.take().unwrap();
+        let _b = s.take().unwrap();
+        let e = s.take().err().expect("a third is refused");
+        assert!(
+            matches!(e, AgentError::ResourceExhausted(ref m) if m.contains("2 watches")),
+            "{e}"
+        );
+        drop(a);
+        assert!(s.take().is_ok(), "a dropped slot is given back");
+    }
 
     #[test]
     fn paths_are_checked() {

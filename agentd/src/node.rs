@@ -256,6 +256,8 @@ struct NewSandbox {
     labels: BTreeMap<String, String>,
     ttl_s: u32,
     source: &'static str,
+    /// A deterministic fork child: its guest keeps the snapshot's clock and RNG state.
+    deterministic: bool,
 }
 
 /// What a warm-up or cold boot runs.
@@ -289,6 +291,8 @@ pub struct Node {
     pub procs: Arc<crate::procs::Procs>,
     /// FilesystemService's open Read and Write streams.
     pub file_streams: Arc<crate::files::Streams>,
+    /// FilesystemService's open Watch streams.
+    pub file_watches: Arc<crate::files::Streams>,
 }
 
 /// Splitmix64: spreads a counter over 64 bits.
@@ -340,6 +344,10 @@ impl Node {
         let node = Arc::new(Self {
             procs: Arc::default(),
             file_streams: Arc::default(),
+            file_watches: Arc::new(crate::files::Streams::new(
+                crate::files::MAX_WATCHES,
+                "file watches",
+            )),
             cfg,
             layout,
             catalog,
@@ -594,6 +602,7 @@ impl Node {
         snap_dir: &Path,
         identity: u32,
         agent: bool,
+        deterministic: bool,
         source: &'static str,
         t: Instant,
     ) -> Result<(VmmProc, VmmConn)> {
@@ -615,6 +624,9 @@ impl Node {
         if agent {
             args.push("--vsock-uds".into());
             args.push(l.vmm_vsock(&vid).display().to_string());
+            if deterministic {
+                args.push("--deterministic".into());
+            }
         }
         let proc = VmmProc::spawn(&self.cfg.vmm, l, &vid, &args)?;
         match connect_when_up(l, &vid, &proc).await {
@@ -1256,6 +1268,7 @@ impl Node {
                             labels,
                             ttl_s: req.ttl_seconds,
                             source: "template",
+                            deterministic: false,
                         };
                         self.new_from_snapshot(spec).await?
                     }
@@ -1301,6 +1314,7 @@ impl Node {
                     labels,
                     ttl_s: req.ttl_seconds,
                     source: "snapshot",
+                    deterministic: false,
                 };
                 let rec = self.new_from_snapshot(spec).await?;
                 res.commit_one();
@@ -1333,7 +1347,7 @@ impl Node {
             let rec = self.new_record(&s, &proc);
             let vsock = agent.then(|| self.layout.vmm_vsock(&proc.vid));
             let (restored, committed) = conn
-                .restore_beside(&dir, s.identity, vsock.as_deref(), {
+                .restore_beside(&dir, s.identity, vsock.as_deref(), s.deterministic, {
                     let (catalog, rec) = (self.catalog.clone(), rec.clone());
                     async move {
                         let t = Instant::now();
@@ -1372,8 +1386,9 @@ impl Node {
                 }
             }
         }
-        let (proc, conn) =
-            self.start_cold_restore(&dir, s.identity, agent, s.source, started).await?;
+        let (proc, conn) = self
+            .start_cold_restore(&dir, s.identity, agent, s.deterministic, s.source, started)
+            .await?;
         let restored = Instant::now();
         failpoint!("agentd::create::after_restore");
         let rec = self.new_record(&s, &proc);
@@ -1658,6 +1673,7 @@ impl Node {
                 labels: req.labels.clone(),
                 child_labels,
                 ttl_seconds: req.ttl_seconds,
+                deterministic: req.deterministic,
             })
             .await?;
         let (tx, rx) = mpsc::channel(256);
@@ -1944,7 +1960,7 @@ impl Node {
     ) -> Result<(VmmProc, VmmConn)> {
         if let Some(Standby { proc, mut conn }) = self.take_standby(shape) {
             let vsock = agent.then(|| self.layout.vmm_vsock(&proc.vid));
-            match conn.restore(dir, identity, vsock.as_deref()).await {
+            match conn.restore(dir, identity, vsock.as_deref(), false).await {
                 Ok(_) => {
                     self.observe_restore(source, "standby", started);
                     return Ok((proc, conn));
@@ -1952,7 +1968,7 @@ impl Node {
                 Err(e) => self.drop_failed_standby(&proc, &e),
             }
         }
-        self.start_cold_restore(dir, identity, agent, source, started).await
+        self.start_cold_restore(dir, identity, agent, false, source, started).await
     }
 
     /// Sandboxes matching every label and any of the states, from `after` on.
@@ -2212,6 +2228,7 @@ impl Node {
                 labels: per_child.get(i).cloned().unwrap_or_else(|| labels.clone()),
                 ttl_s: req.ttl_seconds,
                 source: "fork",
+                deterministic: req.deterministic,
             };
             let node = self.clone();
             tasks.push(tokio::spawn(async move { node.new_from_snapshot(spec).await }));

@@ -494,6 +494,23 @@ impl FilesystemService for Api {
         })
         .await
     }
+
+    type WatchStream = Stream_<pb::FileEvent>;
+
+    async fn watch(
+        &self,
+        r: Request<pb::WatchDirRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let r = r.into_inner();
+        self.run("FileWatch", async {
+            files::check_path(&r.path)?;
+            let vsock = self.node.agent_vsock(&r.sandbox_id)?;
+            let slot = self.node.file_watches.take()?;
+            let rx = files::watch(vsock, r.path, slot).await?;
+            Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as Self::WatchStream)
+        })
+        .await
+    }
 }
 
 #[tonic::async_trait]

@@ -167,8 +167,9 @@ impl VmmConn {
         snapshot: &Path,
         identity: u32,
         vsock: Option<&Path>,
+        deterministic: bool,
     ) -> Result<RestoreReport, ClientError> {
-        self.restore_beside(snapshot, identity, vsock, async {}).await.0
+        self.restore_beside(snapshot, identity, vsock, deterministic, async {}).await.0
     }
 
     /// `restore`, with `beside` awaited once the request is sent, while the VMM restores and
@@ -181,16 +182,18 @@ impl VmmConn {
         snapshot: &Path,
         identity: u32,
         vsock: Option<&Path>,
+        deterministic: bool,
         beside: F,
     ) -> (Result<RestoreReport, ClientError>, Option<F::Output>) {
         // A guest with an agent gets its own vsock socket (`vsock`); the VMM then refreshes
-        // its clock and entropy before it replies. Others are restored as saved.
+        // its clock and entropy before it replies (not for a `deterministic` fork child,
+        // which keeps the snapshot's). Others are restored as saved.
         let req = Request::Restore {
             snapshot: snapshot.to_path_buf(),
             identity,
             vsock_uds: vsock.map(Path::to_path_buf),
             vsock_cid: None,
-            guest: grove_vmm_api::GuestRefresh::default(),
+            guest: grove_vmm_api::GuestRefresh { deterministic, ..Default::default() },
         };
         let sent = tokio::time::timeout(CALL_TIMEOUT, self.send(&req)).await;
         match sent {

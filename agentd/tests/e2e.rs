@@ -161,6 +161,9 @@ async fn fork_into_eight_children_with_their_own_identity() {
             labels: HashMap::from([("job".into(), "f".into())]),
             child_labels: vec![pb::Labels { labels: HashMap::from([("n".into(), "0".into())]) }],
             ttl_seconds: 0,
+            // Accepted for any template; the test guest's (no agent) restore as saved anyway,
+            // and each child still gets its own identity.
+            deterministic: true,
         })
         .await
         .unwrap()
@@ -962,6 +965,12 @@ async fn process_requests_are_refused_without_an_agent_or_with_bad_input() {
     };
     let w = c.files.write(tokio_stream::iter(vec![first])).await;
     assert_eq!(code(w), Code::FailedPrecondition);
+    let watch = |path: &str| pb::WatchDirRequest { sandbox_id: s.id.clone(), path: path.into() };
+    assert_eq!(code(c.files.watch(watch("/root")).await), Code::FailedPrecondition);
+    assert_eq!(code(c.files.watch(watch("root")).await), Code::InvalidArgument);
+    let mut unknown = watch("/root");
+    unknown.sandbox_id = "sb-0000000000000000".into();
+    assert_eq!(code(c.files.watch(unknown).await), Code::NotFound);
     // Nothing was started; the sandbox runs on.
     let l = c.process.list(pb::ListProcessesRequest::default()).await.unwrap().into_inner();
     assert!(l.processes.is_empty());
@@ -973,4 +982,95 @@ async fn process_requests_are_refused_without_an_agent_or_with_bad_input() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no guest agent"), "{out:?}");
+}
+
+/// 1 000 concurrent streams (Watch, over 10 connections of 100 streams each, as 10
+/// orchestrator processes would hold them): every one gets its sandbox's current state and
+/// then the pause and the resume, while creates, gets and deletes are served beside them;
+/// when they all go away, agentd serves on and has let go of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_streams_and_agentd_serves_others() {
+    if !kvm_available() {
+        return;
+    }
+    const CONNS: usize = 10;
+    const PER_CONN: usize = 100;
+    let agent = Agent::start(1, &[]);
+    let mut c = agent.clients().await;
+    warm_test_guest(&mut c, "tgs", READY_CMDLINE, 64).await;
+    let s = c.sandbox.create(create_req("tgs")).await.unwrap().into_inner();
+    let pid = agent.child.as_ref().expect("agentd runs").id();
+    let threads = || {
+        let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = st.lines().find(|l| l.starts_with("Threads:")).unwrap().to_string();
+        line["Threads:".len()..].trim().parse::<usize>().unwrap()
+    };
+    let threads_before = threads();
+    let mut streams = Vec::new();
+    for _ in 0..CONNS {
+        let conn = agent.clients().await;
+        let opens: Vec<_> = (0..PER_CONN)
+            .map(|_| {
+                let mut sc = conn.sandbox.clone();
+                let id = s.id.clone();
+                tokio::spawn(async move {
+                    sc.watch(pb::WatchRequest { id, include_current: true }).await
+                })
+            })
+            .collect();
+        for o in opens {
+            streams.push(o.await.unwrap().expect("a watch stream opens").into_inner());
+        }
+    }
+    assert_eq!(streams.len(), CONNS * PER_CONN);
+    // Each stream: CURRENT (running), then the pause and the resume below.
+    let readers: Vec<_> = streams
+        .into_iter()
+        .map(|mut w| {
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                while seen.len() < 3 {
+                    match tokio::time::timeout(DEADLINE, w.message()).await {
+                        Ok(Ok(Some(ev))) => {
+                            let kind = ev.kind();
+                            seen.push((kind, state(&ev.sandbox.unwrap_or_default())));
+                        }
+                        other => return Err(format!("stream ended after {seen:?}: {other:?}")),
+                    }
+                }
+                Ok((seen, w))
+            })
+        })
+        .collect();
+    // Served beside them: a create, a get, a pause and a resume, a delete.
+    let other = c.sandbox.create(create_req("tgs")).await.unwrap().into_inner();
+    assert_eq!(state(&get(&mut c, &other.id).await.unwrap()), pb::SandboxState::Running);
+    c.sandbox.pause(pb::PauseRequest { id: s.id.clone() }).await.unwrap();
+    c.sandbox.resume(pb::ResumeRequest { id: s.id.clone() }).await.unwrap();
+    c.sandbox
+        .delete(pb::DeleteRequest { id: other.id.clone(), ..Default::default() })
+        .await
+        .unwrap();
+    let want = vec![
+        (pb::EventKind::Current, pb::SandboxState::Running),
+        (pb::EventKind::StateChanged, pb::SandboxState::Paused),
+        (pb::EventKind::StateChanged, pb::SandboxState::Running),
+    ];
+    let mut held = Vec::new();
+    for r in readers {
+        let (seen, w) = r.await.unwrap().expect("every stream sees its events");
+        assert_eq!(seen, want);
+        held.push(w);
+    }
+    // All go away: agentd serves on, its thread count back near where it was (the streams
+    // held no thread of their own).
+    drop(held);
+    let l = c.sandbox.list(pb::ListRequest::default()).await.unwrap().into_inner();
+    assert_eq!(l.sandboxes.iter().map(|x| x.id.as_str()).collect::<Vec<_>>(), vec![s.id.as_str()]);
+    let threads_after = threads();
+    assert!(
+        threads_after <= threads_before + 8,
+        "agentd's threads: {threads_before} before the streams, {threads_after} after"
+    );
+    c.sandbox.delete(pb::DeleteRequest { id: s.id.clone(), ..Default::default() }).await.unwrap();
 }

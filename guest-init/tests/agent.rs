@@ -15,8 +15,8 @@ use grove_proto::client::{ClientError, GuestClient};
 use grove_proto::frame::{self, MAX_FRAME_LEN};
 use grove_proto::guest::{
     exec_exit, request, response, Cancel, EnvVar, ErrorCode, ExecResize, ExecSignal, ExecStart,
-    ExecStdin, FileKind, FileRead, FileWatch, FileWriteOpen, Hello, Ping, PostRestore, PtySize,
-    Request, User, WatchKind,
+    ExecStdin, FileKind, FileRead, FileWriteOpen, Hello, Ping, PostRestore, PtySize, Request, User,
+    WatchKind,
 };
 
 /// A running agent; killed (by its PID) and its directory removed on drop.
@@ -561,33 +561,36 @@ mod tests {
         let a = Agent::start();
         let mut c = a.client();
         c.mkdir("/w", false).unwrap();
-        let id = c.send(request::Body::Watch(FileWatch { path: "/w".into() })).unwrap();
-        assert!(matches!(c.recv().unwrap().body, Some(response::Body::Ok(_))));
+        // The client's calls (agentd's FilesystemService.Watch uses them): in place once
+        // watch_start returns, events in order, cancelled from another thread's sender.
+        let id = c.watch_start("/w").unwrap();
         std::fs::write(a.root().join("w/new"), "x").unwrap();
-        std::fs::remove_file(a.root().join("w/new")).unwrap();
-        let mut kinds = Vec::new();
-        while !kinds.contains(&WatchKind::Removed) {
-            let r = c.recv().unwrap();
-            assert_eq!(r.id, id);
-            if let Some(response::Body::WatchEvent(e)) = r.body {
-                assert_eq!(e.name, "new");
-                kinds.push(e.kind());
+        std::fs::rename(a.root().join("w/new"), a.root().join("w/old")).unwrap();
+        std::fs::remove_file(a.root().join("w/old")).unwrap();
+        let mut seen = Vec::new();
+        while !seen.contains(&(WatchKind::Removed, "old".to_string())) {
+            let e = c.watch_next(id).unwrap().expect("the watch runs");
+            if seen.last() != Some(&(e.kind(), e.name.clone())) {
+                seen.push((e.kind(), e.name.clone()));
             }
         }
-        assert_eq!(kinds[0], WatchKind::Created);
-        c.send_with_id(id, request::Body::Cancel(Cancel {})).unwrap();
-        loop {
-            if let Some(response::Body::Ok(_)) = c.recv().unwrap().body {
-                break;
-            }
-        }
-        let id = c.send(request::Body::Watch(FileWatch { path: "/nope".into() })).unwrap();
-        let r = c.recv().unwrap();
-        assert_eq!(r.id, id);
-        assert!(
-            matches!(r.body, Some(response::Body::Error(ref e)) if e.code() == ErrorCode::NotFound),
-            "{r:?}"
+        let names = |v: &[(WatchKind, String)]| {
+            v.iter().map(|(k, n)| format!("{k:?} {n}")).collect::<Vec<_>>().join(", ")
+        };
+        assert_eq!(
+            names(&seen),
+            "Created new, Modified new, MovedFrom new, MovedTo old, Removed old",
+            "{seen:?}"
         );
+        c.sender().cancel(id).unwrap();
+        while c.watch_next(id).unwrap().is_some() {}
+        // Gone after the cancel: the connection serves the next request.
+        c.ping().unwrap();
+        let e = c.watch_start("/nope").unwrap_err();
+        assert_eq!(code(&e), ErrorCode::NotFound);
+        std::fs::write(a.root().join("w/file"), "x").unwrap();
+        let e = c.watch_start("/w/file").unwrap_err();
+        assert_eq!(code(&e), ErrorCode::NotADirectory, "{e}");
     }
 
     fn recv_error(s: &mut UnixStream) -> (u64, ErrorCode) {

@@ -30,9 +30,9 @@ use std::time::{Duration, Instant};
 use crate::frame::{self, FrameError};
 use crate::guest::{
     request, response, ExecExit, ExecResize, ExecSignal, ExecStart, ExecStdin, FileInfo, FileList,
-    FileMkdir, FileRead, FileRemove, FileRename, FileStat, FileWriteChunk, FileWriteOpen, Hello,
-    HelloReply, InfoReply, InfoRequest, PostRestore, Power, PowerAction, PtySize, Request,
-    Response, Stream,
+    FileMkdir, FileRead, FileRemove, FileRename, FileStat, FileWatch, FileWriteChunk,
+    FileWriteOpen, Hello, HelloReply, InfoReply, InfoRequest, PostRestore, Power, PowerAction,
+    PtySize, Request, Response, Stream, WatchEvent,
 };
 use crate::{GUEST_MAGIC, GUEST_PROTOCOL_VERSION};
 
@@ -258,6 +258,14 @@ impl GuestSender {
     /// Transport errors.
     pub fn signal(&self, id: u64, signal: i32) -> Result<(), ClientError> {
         self.send_with_id(id, request::Body::ExecSignal(ExecSignal { signal }))
+    }
+
+    /// Cancels operation `id` (a watch ends with an `Ok`; an exec is killed).
+    ///
+    /// # Errors
+    /// Transport errors.
+    pub fn cancel(&self, id: u64) -> Result<(), ClientError> {
+        self.send_with_id(id, request::Body::Cancel(crate::guest::Cancel {}))
     }
 
     /// Resizes exec `id`'s PTY.
@@ -829,6 +837,29 @@ impl GuestClient {
             user: None,
         }))?;
         self.expect_ok(id)
+    }
+
+    /// Starts watching a directory; returns the watch's id once the guest has it in place.
+    ///
+    /// # Errors
+    /// Guest errors (not found, not a directory, outside the root).
+    pub fn watch_start(&mut self, dir: &str) -> Result<u64, ClientError> {
+        let id = self.send(request::Body::Watch(FileWatch { path: dir.into() }))?;
+        self.expect_ok(id)?;
+        Ok(id)
+    }
+
+    /// The next event of watch `id`; `None` once the watch has ended (cancelled through
+    /// [`GuestSender::cancel`]).
+    ///
+    /// # Errors
+    /// Transport and guest errors (the guest's inotify failed).
+    pub fn watch_next(&mut self, id: u64) -> Result<Option<WatchEvent>, ClientError> {
+        match self.expect(id)? {
+            response::Body::WatchEvent(e) => Ok(Some(e)),
+            response::Body::Ok(_) => Ok(None),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
     }
 
     /// Uptime, load, memory and disk of the guest.

@@ -169,10 +169,17 @@ enum Cmd {
         /// An environment variable of one child's CMD, INDEX:K=V (repeatable).
         #[arg(long = "child-env", value_parser = parse_child_env)]
         child_env: Vec<(usize, String, String)>,
+        /// Deterministic children: each keeps the snapshot's clock and RNG state (default:
+        /// each gets the host's clock and fresh entropy).
+        #[arg(long)]
+        deterministic: bool,
         /// The command each child runs.
         #[arg(last = true)]
         run: Vec<String>,
     },
+    /// Stream the changes to a directory's entries in a sandbox (not recursive), one line
+    /// each (`created|modified|removed|renamed-from|renamed-to PATH[/]`), until interrupted.
+    WatchDir { id: String, dir: String },
     /// Stream lifecycle events (of one sandbox, or all).
     Watch {
         id: Option<String>,
@@ -957,7 +964,9 @@ async fn run(cli: Cli) -> Result<u8, String> {
                 .into_inner();
             print_sandbox(j, &s);
         }
-        Cmd::Fork { id, count, labels: l, env, child_env, run } if !run.is_empty() => {
+        Cmd::Fork { id, count, labels: l, env, child_env, deterministic, run }
+            if !run.is_empty() =>
+        {
             let mut children: Vec<pb::ChildRun> = Vec::new();
             for (i, k, v) in child_env {
                 if i >= count as usize {
@@ -975,11 +984,12 @@ async fn run(cli: Cli) -> Result<u8, String> {
                 argv: run,
                 env: labels(&env),
                 children,
+                deterministic,
                 ..Default::default()
             };
             return fork_run(&mut c, req, j).await;
         }
-        Cmd::Fork { id, count, labels: l, .. } => {
+        Cmd::Fork { id, count, labels: l, deterministic, .. } => {
             let r = c
                 .sandbox
                 .fork(pb::ForkRequest {
@@ -988,6 +998,7 @@ async fn run(cli: Cli) -> Result<u8, String> {
                     labels: labels(&l),
                     child_labels: Vec::new(),
                     ttl_seconds: 0,
+                    deterministic,
                 })
                 .await
                 .map_err(st)?
@@ -1004,6 +1015,32 @@ async fn run(cli: Cli) -> Result<u8, String> {
                 for ch in &r.children {
                     println!("{}", ch.id);
                 }
+            }
+        }
+        Cmd::WatchDir { id, dir } => {
+            let mut s = c
+                .files
+                .watch(pb::WatchDirRequest { sandbox_id: id, path: dir })
+                .await
+                .map_err(st)?
+                .into_inner();
+            // The stream's headers came: the watch is in place. Say so (for scripts) on stderr.
+            eprintln!("watching");
+            while let Some(ev) = s.message().await.map_err(st)? {
+                let kind = pb::FileEventKind::try_from(ev.kind)
+                    .map(|k| {
+                        k.as_str_name()
+                            .trim_start_matches("FILE_EVENT_KIND_")
+                            .to_lowercase()
+                            .replace('_', "-")
+                    })
+                    .unwrap_or_default();
+                if j {
+                    println!("{}", json!({"kind": kind, "path": ev.path, "is_dir": ev.is_dir}));
+                } else {
+                    println!("{kind} {}{}", ev.path, if ev.is_dir { "/" } else { "" });
+                }
+                let _ = std::io::stdout().flush();
             }
         }
         Cmd::Watch { id, current } => {

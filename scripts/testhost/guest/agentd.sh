@@ -6,6 +6,8 @@
 # the disk is read back from the VM's disk layers: the log must equal this VM's own record
 # (a sibling's writes would show as lines this VM never wrote). One line per tick:
 #   tick n=N v=HEX lines=L disk=ok|FAIL
+# Once /run/quiet exists the loop stops (the deterministic-fork check needs a guest that
+# runs nothing of its own).
 . /probe/lib.sh
 [ -c /dev/hwrng ] || mknod /dev/hwrng c 10 183 2>/dev/null
 echo "probe: agentd probe, hwrng $(cat /sys/class/misc/hw_random/rng_current 2>/dev/null), root $(awk '$2 == "/" { print $1 }' /proc/mounts)"
@@ -13,7 +15,7 @@ echo "probe: agentd probe, hwrng $(cat /sys/class/misc/hw_random/rng_current 2>/
 : >/root/log
 sync
 n=0
-while :; do
+while [ ! -e /run/quiet ]; do
   n=$((n + 1))
   v="$(dd if=/dev/hwrng bs=8 count=1 2>/dev/null | od -An -tx1 | tr -d ' \n')"
   echo "$v" >>/run/mine
@@ -25,3 +27,5 @@ while :; do
   if [ "$d" = FAIL ]; then dmesg_warnings; fi
   sleep 1
 done
+echo "probe: quiet"
+exec sleep 2147483647

@@ -2,66 +2,10 @@
 # what: agentd with a Linux template (guest-init's agent on vsock): Register (Debian's kernel, the guest initramfs, a root directory made into an ext4 base layer), Warm (boot to guest-init's ready mark, snapshot with the disk's frozen layer), Create and Fork into 2 through the grove CLI: every VM runs from its own writable disk layer (reads back exactly its own writes after dropping its page cache, fresh entropy per VM), identities distinct; grove exec in each VM (output, stderr, exit status, stdin, a PTY, a signal through grove kill), rewind to a checkpoint restores a file's content; Delete and template rm leave no VMM, layer, snapshot or file
 # timeout: 1500
 . "$GROVE_ROOT/scripts/testhost/lib.sh"
-BIN="$GROVE_ROOT/target/release"
-for b in agentd grove; do [ -x "$BIN/$b" ] || fail "$BIN/$b is missing (scripts/testhost.sh builds it)"; done
-GI="${GUEST_INIT_TARGET_DIR:-$GROVE_ROOT/build/target-guest-init}/x86_64-unknown-linux-gnu/release/guest-init"
-[ -x "$GI" ] || fail "$GI is missing (scripts/build-guest-init.sh builds it)"
-W="$(mktemp -d /tmp/grove-agentd.XXXXXX)"   # tmpfs in the test host: data dir, socket
-DATA="$W/data"
-SOCK="$W/agentd.sock"
-AGENTD_PID=""
+. "$GROVE_ROOT/scripts/testhost/agentd-lib.sh"
 FR=()
-# Cleanup, pass or fail: agentd (by PID), then the VMMs it started (they outlive it by
-# design; found by their pid files and checked to be ours by their command line).
-cleanup() {
-  set +e
-  [ -n "$AGENTD_PID" ] && kill "$AGENTD_PID" 2>/dev/null && wait "$AGENTD_PID" 2>/dev/null
-  for p in "$DATA"/vmm/*/pid; do
-    [ -f "$p" ] || continue
-    pid="$(cat "$p")"
-    grep -qa "$DATA" "/proc/$pid/cmdline" 2>/dev/null && kill -9 "$pid"
-  done
-  cp "$W/agentd.log" "$GROVE_OUT/" 2>/dev/null
-  rm -rf "$W"
-}
-trap cleanup EXIT
-g() { "$BIN/grove" --endpoint "unix:$SOCK" "$@"; }
-jget() { python3 -c 'import json,sys; d=json.load(sys.stdin); print(eval(sys.argv[1]))' "$1"; }
-
-# The root disk's contents: busybox, guest-init (PID 1 after the switch to the disk) and the
-# probe. agentd makes the directory an ext4 image (mkfs.ext4 -d) and imports it as a base layer.
-R="$W/rootdir"
-mkdir -p "$R"/{bin,sbin,probe,dev,proc,sys,run,tmp,root,etc}
-cp "$(command -v busybox)" "$R/bin/busybox"
-for a in sh cat echo sleep dd od tr wc cmp awk sed grep mknod mount sync date head tail cut stty rm; do
-  ln -s busybox "$R/bin/$a"
-done
-cp "$GI" "$R/sbin/guest-init"
-cp "$GROVE_ROOT/scripts/testhost/guest/lib.sh" "$GROVE_ROOT/scripts/testhost/guest/agentd.sh" "$R/probe/"
-
-"$BIN/agentd" --data-dir "$DATA" --listen "unix:$SOCK" --metrics-listen "" --vmm "$GROVE_VMM" \
-  --pool-size 2 2>"$W/agentd.log" &
-AGENTD_PID=$!
-for _ in $(seq 600); do [ -S "$SOCK" ] && break; sleep 0.1; done
-[ -S "$SOCK" ] || { cat "$W/agentd.log"; fail "agentd did not start"; }
-g node info
-
-# Register + warm.
-# guest-init's agent listens on vsock (the template is registered with --guest-agent): the
-# vsock transport is loaded from the initramfs and guest_cmdline's grove.vsock=off dropped.
-CMDLINE="$(GUEST_CMDLINE_EXTRA="root=/dev/vda rw grove.modules=virtio_mmio,virtio_blk,virtio_rng,vmw_vsock_virtio_transport ${GUEST_CMDLINE_EXTRA:-}" guest_cmdline agentd | sed 's/ grove.vsock=off//')"
-g template add linux --kernel "$GUEST_KERNEL" --initrd "$GUEST_INITRD" --cmdline "$CMDLINE" \
-  --memory-mib 512 --rootfs-dir "$R" --disk-mib 64 --ready boot-timer --ready-timeout 900 \
-  --guest-agent >/dev/null
-base="$(g --json template ls | jget 'd[0]["base_layer"]')"
-[ "$base" -gt 0 ] && [ -s "$DATA/layers/L$base.data" ] || fail "no base layer file for the root disk (layer $base)"
-log "registered: root directory -> base layer $base ($(stat -c %s "$DATA/layers/L$base.data") bytes)"
-t0=$(date +%s)
-g template warm linux 2>"$GROVE_OUT/warm.log" || { cat "$GROVE_OUT/warm.log"; tail -40 "$W/agentd.log"; fail "warm failed"; }
-snap="$(g --json template ls | jget 'd[0]["snapshot"]')"
-[ "$snap" -gt 0 ] || fail "the template has no snapshot after warm"
-[ -s "$DATA/snapshots/$snap/disk-root.idx" ] || fail "the warm snapshot has no frozen disk layer (disk-root.*)"
-log "warm in $(( $(date +%s) - t0 )) s: snapshot $snap, $(ls "$DATA/snapshots/$snap" | tr '\n' ' ')"
+agentd_start --pool-size 2
+agentd_linux_template agentd
 
 # VMM directory of a sandbox (by its pid), its serial log and complete tick lines.
 vdir() {
@@ -93,8 +37,6 @@ mapfile -t C < <(jget '"\n".join(c["id"] for c in d["children"])' <"$GROVE_OUT/f
 for id in "$P" "${C[@]}"; do wait_ticks "$id" 6 300; done
 ids="$(for id in "$P" "${C[@]}"; do g --json get "$id" | jget 'd["identity"]'; done | sort -u | wc -l)"
 [ "$ids" -eq 3 ] || fail "identities are not distinct"
-vs="$(for id in "$P" "${C[@]}"; do last_v "$id"; done | sort -u | wc -l)"
-[ "$vs" -eq 3 ] || fail "two VMs read the same entropy: they do not run on their own devices"
 for id in "${C[@]}"; do
   d="$(vdir "$id")"
   [ -s "$d/root.idx" ] || fail "$id has no writable disk layer in its VMM directory"
@@ -174,6 +116,38 @@ st=0; g cp "$P:/nonexistent" "$W/x" 2>"$W/cperr" || st=$?
 [ "$st" -ne 0 ] && grep -q NotFound "$W/cperr" || fail "cp of a missing file: status $st, $(cat "$W/cperr")"
 [ ! -e "$W/x" ] || fail "a failed cp left $W/x"
 
+# Every VM reads its own entropy device: their latest values differ. (Not right after the
+# fork: the guest's hw_random core and virtio-rng driver buffer up to 128 bytes, 16 ticks'
+# worth, which every child inherits from the parent's memory; a run saw both children's
+# sixth tick read the same buffered bytes.)
+for id in "$P" "${C[@]}"; do wait_ticks "$id" 20 300; done
+vs="$(for id in "$P" "${C[@]}"; do last_v "$id"; done | sort -u | wc -l)"
+[ "$vs" -eq 3 ] || fail "two VMs read the same entropy: they do not run on their own devices ($(for id in "$P" "${C[@]}"; do echo "$id: $(ticks "$id" | tail -1)"; done))"
+log "entropy: each VM's latest tick is its own ($(for id in "$P" "${C[@]}"; do last_v "$id"; done | tr '\n' ' '))"
+
+# Watch (FilesystemService.Watch through grove watch-dir): once the CLI says "watching", every
+# change to the directory's entries comes, in order; a missing directory is NotFound, a file
+# is not a directory (InvalidArgument); the client's end cancels the watch in the guest.
+g exec "$P" -- mkdir -p /run/w
+g watch-dir "$P" /run/w >"$W/watch.out" 2>"$W/watch.err" & WP=$!
+for _ in $(seq 300); do grep -q '^watching$' "$W/watch.err" && break; kill -0 "$WP" 2>/dev/null || break; sleep 0.1; done
+grep -q '^watching$' "$W/watch.err" || fail "grove watch-dir did not start: $(cat "$W/watch.err")"
+g exec "$P" -- sh -c 'echo a >/run/w/f; mkdir /run/w/d; mv /run/w/f /run/w/g; rm /run/w/g; rmdir /run/w/d'
+for _ in $(seq 300); do grep -q '^removed /run/w/d/$' "$W/watch.out" && break; sleep 0.1; done
+kill "$WP"; wait "$WP" 2>/dev/null || true
+cp "$W/watch.out" "$GROVE_OUT/watch.out"
+# Modified may come twice (the write and the close): squeeze repeats.
+got="$(uniq "$W/watch.out" | tr '\n' ' ')"
+want="created /run/w/f modified /run/w/f created /run/w/d/ renamed-from /run/w/f renamed-to /run/w/g removed /run/w/g removed /run/w/d/ "
+[ "$got" = "$want" ] || fail "watch-dir saw '$got', not '$want'"
+st=0; g watch-dir "$P" /run/nonexistent 2>"$W/werr" || st=$?
+[ "$st" -ne 0 ] && grep -q NotFound "$W/werr" || fail "watch of a missing directory: status $st, $(cat "$W/werr")"
+g exec "$P" -- touch /run/w/file
+st=0; g watch-dir "$P" /run/w/file 2>"$W/werr" || st=$?
+[ "$st" -ne 0 ] && grep -q InvalidArgument "$W/werr" || fail "watch of a file: status $st, $(cat "$W/werr")"
+g exec "$P" -- rm -rf /run/w
+log "watch: create, write, mkdir, rename, remove, rmdir reported in order; a missing directory NotFound, a file InvalidArgument"
+
 # Fork exploration: the parent forked into 4 children, each running a command as it starts
 # with its own environment (per child: WORD), output streamed back per child on one stream;
 # the parent keeps running.
@@ -217,8 +191,37 @@ out="$(g exec "$P" -- cat /root/f)"
 [ "$out" = three ] || fail "after rewind to checkpoint $S2, /root/f holds '$out', not three"
 log "checkpoint after a process: snapshot $S2; rewind to it gives /root/f = three"
 
+# Deterministic fork: children that keep the snapshot's clock and RNG state read the same
+# random bytes; default children read their own. Linux reseeds its CRNG from the input pool
+# at least every 60 s (every uptime/2 s in the first 2 minutes), so the parent is quiet (its
+# probe stops: no exec draws from the CRNG), then rewound to a snapshot of that, which
+# reseeds it (a default restore), and forked right after, within the reseed interval; the
+# read is the children's first exec, alone (a pipeline's execs would race the read).
+g exec "$P" -- touch /run/quiet
+for _ in $(seq 100); do tr -d '\r' <"$(vdir "$P")/serial.log" | grep -q '^probe: quiet$' && break; sleep 0.2; done
+tr -d '\r' <"$(vdir "$P")/serial.log" | grep -q '^probe: quiet$' || fail "the parent's probe did not stop"
+up="$(g exec "$P" -- cut -d. -f1 /proc/uptime)"
+[ "$up" -ge 120 ] || { log "waiting $((120 - up)) s: the guest's uptime is $up s"; sleep $((120 - up)); }
+S3="$(g snapshot "$P")"
+RND='head -c16 /dev/urandom >/tmp/rnd; od -An -tx1 /tmp/rnd | tr -d " \n"; echo'
+det_fork() { # ARGS... -> the 2 children's random bytes, one line each
+  g rewind "$P" "$S3" >/dev/null
+  g fork "$P" --count 2 "$@" -- sh -c "$RND" >"$W/det.txt" || { cat "$W/det.txt"; fail "grove fork $* failed"; }
+  for i in 0 1; do
+    sed -n "s/^\[$i\] \([0-9a-f]\{32\}\)$/\1/p" "$W/det.txt" | grep . || { cat "$W/det.txt"; fail "child $i printed no random bytes"; }
+    id="$(sed -n "s/^child $i \(sb-[0-9a-f]*\) exit 0$/\1/p" "$W/det.txt")"
+    [ -n "$id" ] && g rm "$id"
+  done
+}
+mapfile -t D < <(det_fork --deterministic)
+[ "${#D[@]}" -eq 2 ] && [ "${D[0]}" = "${D[1]}" ] || fail "deterministic children read different random bytes: ${D[*]}"
+mapfile -t N < <(det_fork)
+[ "${#N[@]}" -eq 2 ] && [ "${N[0]}" != "${N[1]}" ] || fail "default children read the same random bytes: ${N[*]}"
+log "deterministic fork: both children read ${D[0]}; default children read ${N[0]} and ${N[1]}"
+
 # Delete all; then nothing is left.
 for id in "${C[@]}" "$P"; do g rm "$id"; done
+g snapshots rm "$S3"
 g snapshots rm "$S2"
 g snapshots rm "$S1"
 [ "$(g --json ls | jget 'len(d)')" -eq 0 ] || fail "sandboxes left after delete"
