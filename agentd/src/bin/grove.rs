@@ -153,8 +153,8 @@ enum Cmd {
         #[arg(long, short = 's', default_value_t = 15)]
         signal: i32,
     },
-    /// Fork a running sandbox into N children; prints their ids. With `-- CMD…` (guest
-    /// agent needed) each child runs CMD as it starts (with GROVE_CHILD_INDEX and
+    /// Fork a running sandbox into N children; prints their ids. With `-- CMD…` or `--run
+    /// LINE` (guest agent needed) each child runs CMD as it starts (with GROVE_CHILD_INDEX and
     /// GROVE_SANDBOX_ID set): its output is printed line by line as `[INDEX] …`, then one
     /// line per child with its id and exit; grove exits 0 if every child's CMD exited 0.
     Fork {
@@ -173,9 +173,12 @@ enum Cmd {
         /// each gets the host's clock and fresh entropy).
         #[arg(long)]
         deterministic: bool,
-        /// The command each child runs.
+        /// The command each child runs, as one shell line (`sh -c LINE`).
+        #[arg(long, conflicts_with = "cmd")]
+        run: Option<String>,
+        /// The command each child runs, as its argv.
         #[arg(last = true)]
-        run: Vec<String>,
+        cmd: Vec<String>,
     },
     /// Stream the changes to a directory's entries in a sandbox (not recursive), one line
     /// each (`created|modified|removed|renamed-from|renamed-to PATH[/]`), until interrupted.
@@ -964,9 +967,13 @@ async fn run(cli: Cli) -> Result<u8, String> {
                 .into_inner();
             print_sandbox(j, &s);
         }
-        Cmd::Fork { id, count, labels: l, env, child_env, deterministic, run }
-            if !run.is_empty() =>
+        Cmd::Fork { id, count, labels: l, env, child_env, deterministic, run, cmd }
+            if run.is_some() || !cmd.is_empty() =>
         {
+            let argv = match run {
+                Some(line) => vec!["sh".into(), "-c".into(), line],
+                None => cmd,
+            };
             let mut children: Vec<pb::ChildRun> = Vec::new();
             for (i, k, v) in child_env {
                 if i >= count as usize {
@@ -981,7 +988,7 @@ async fn run(cli: Cli) -> Result<u8, String> {
                 id,
                 count,
                 labels: labels(&l),
-                argv: run,
+                argv,
                 env: labels(&env),
                 children,
                 deterministic,

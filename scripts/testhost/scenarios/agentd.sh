@@ -206,7 +206,7 @@ S3="$(g snapshot "$P")"
 RND='head -c16 /dev/urandom >/tmp/rnd; od -An -tx1 /tmp/rnd | tr -d " \n"; echo'
 det_fork() { # ARGS... -> the 2 children's random bytes, one line each
   g rewind "$P" "$S3" >/dev/null
-  g fork "$P" --count 2 "$@" -- sh -c "$RND" >"$W/det.txt" || { cat "$W/det.txt"; fail "grove fork $* failed"; }
+  g fork "$P" --count 2 "$@" --run "$RND" >"$W/det.txt" || { cat "$W/det.txt"; fail "grove fork $* failed"; }
   for i in 0 1; do
     sed -n "s/^\[$i\] \([0-9a-f]\{32\}\)$/\1/p" "$W/det.txt" | grep . || { cat "$W/det.txt"; fail "child $i printed no random bytes"; }
     id="$(sed -n "s/^child $i \(sb-[0-9a-f]*\) exit 0$/\1/p" "$W/det.txt")"
