@@ -16,6 +16,7 @@ APT_PACKAGES=(
   iproute2                    # netns/veth/tap for network tests
   nftables                    # netd test: a ct rule makes the host namespace track connections (conntrack scrub)
   python3                     # scripts/demo.sh reads grove --json output
+  python3-venv                # build/pyenv: the Python client (clients/python) and pytest
 )
 
 SUDO=""
@@ -59,4 +60,11 @@ echo "setup: building the workspace (release)" >&2
 cargo build --release --workspace --quiet
 echo "setup: building the test guest" >&2
 scripts/build-testguest.sh >/dev/null
+# The Python client (clients/python) and pytest in a venv: scripts/test.sh runs its tests,
+# the test host's agentd-python scenario its example (the venv is visible inside). pip's
+# downloads are cached outside the clone.
+echo "setup: Python client venv (build/pyenv)" >&2
+[ -x build/pyenv/bin/python ] || python3 -m venv build/pyenv
+PIP_CACHE_DIR="${GROVE_CACHE:-/var/cache/grove}/pip" build/pyenv/bin/pip install -q \
+  --disable-pip-version-check ./clients/python pytest
 echo "setup: done" >&2

@@ -44,6 +44,12 @@ echo "== storage crash-consistency tests (failpoints compiled in)" >&2
 cargo test --release -p grove-storage --features failpoints --test catalog_failpoints 2>&1 | tee -a /tmp/grove-cargo-test.log
 echo "== agentd crash-consistency tests (kill -9 at failpoints in fork, create, delete)" >&2
 cargo test --release -p grove-agentd --features failpoints --test restart -- --show-output 2>&1 | tee -a /tmp/grove-cargo-test.log
+echo "== Python client (clients/python): pytest against a real agentd with the test guest" >&2
+# build/pyenv is scripts/setup.sh's; the client is reinstalled from this tree first.
+[ -x build/pyenv/bin/python ] || { echo "test: build/pyenv is missing (scripts/setup.sh makes it)" >&2; exit 1; }
+PIP_CACHE_DIR="${GROVE_CACHE:-/var/cache/grove}/pip" build/pyenv/bin/pip install -q \
+  --disable-pip-version-check ./clients/python
+build/pyenv/bin/python -m pytest -q -p no:cacheprovider clients/python/tests 2>&1 | tee /tmp/grove-pytest.log
 echo "== guest root image + QEMU smoke test (tcg)" >&2
 scripts/build-rootfs.sh
 scripts/qemu-smoke.sh
@@ -53,7 +59,7 @@ if [ -n "${GROVE_SKIP_TESTHOST:-}" ]; then
   echo "test: TEST HOST TIER NOT RUN: GROVE_SKIP_TESTHOST=$GROVE_SKIP_TESTHOST" >&2
 else
   th_pass=0; th_fail=0
-  for sc in ${GROVE_TESTHOST_SCENARIOS:-hello boot fork dmthin devices blk vsock net agentd jail}; do
+  for sc in ${GROVE_TESTHOST_SCENARIOS:-hello boot fork dmthin devices blk vsock net agentd agentd-python jail}; do
     t0=$(date +%s)
     st=0; scripts/testhost.sh "$sc" >"build/testhost-$sc.log" 2>&1 || st=$?
     # One rerun, loudly, the first log kept, for two failures that are not the scenario's
