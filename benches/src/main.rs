@@ -11,6 +11,7 @@ mod boot_linux;
 mod disk;
 mod diskvirtio;
 mod exec;
+mod explore;
 mod net;
 mod net_guest;
 mod snapshot;
@@ -20,7 +21,7 @@ mod vmm_driver;
 use std::process::ExitCode;
 
 const USAGE: &str =
-    "usage: grove-bench <boot|snapshot|restore|fork|disk|net|net-guest|exec|api> [--json] [options]
+    "usage: grove-bench <boot|snapshot|restore|fork|disk|net|net-guest|exec|api|explore> [--json] [options]
   boot     [--runs N] [--mem-mib M] [--touch-mib T] [--vcpus V] [--jail]   (--jail: each run also
            boots through grove-jailer, root; jailed over plain in the same run)
   boot --linux [--runs N] [--vcpus V] [--mem-mib M] [--kernel K] [--initrd I] [--qemu BIN]
@@ -42,6 +43,10 @@ const USAGE: &str =
   exec     [--boots N] [--restores N] [--execs N] [--files N] [--file-mib M] [--mem-mib M]
            [--kernel PATH] [--initrd PATH]   (a Linux guest: the test host)
   api      [--runs N] [--mem-mib M] [--fork N] [--fork-runs N] [--seconds S] [--workers W] [--pool P]
+  explore  [--endpoint unix:PATH|http(s)://ADDR] [--token-file F] [--template linux] [--children 1,4,16]
+           [--runs N] [--cmd 'echo $GROVE_CHILD_INDEX'] [--json-out FILE]   (a running agentd whose template runs
+           guest-init's agent: ForkRun(N) vs Snapshot + N Creates + Start, alternating; to each
+           child's first output byte; scripts/testhost.sh agentd-explore)
 env: GROVE_VMM (grove-vmm binary), GROVE_TESTGUEST (test guest ELF), GROVE_AGENTD, FIRECRACKER_BIN,
   GUEST_KERNEL / GUEST_INITRD (exec's and net-guest's Linux guest); net-guest: QEMU, GROVE_OUT";
 
@@ -67,6 +72,7 @@ fn main() -> ExitCode {
         "exec" => exec::run(rest),
         "net-guest" => net_guest::run(rest),
         "api" => api::run(rest),
+        "explore" => explore::run(rest),
         "-h" | "--help" => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;
