@@ -1666,18 +1666,77 @@ impl Node {
         self.agent_vsock(&req.id)?;
         let child_labels =
             req.children.iter().map(|c| pb::Labels { labels: c.labels.clone() }).collect();
-        let forked = self
-            .fork(pb::ForkRequest {
-                id: req.id.clone(),
-                count: req.count,
-                labels: req.labels.clone(),
-                child_labels,
-                ttl_seconds: req.ttl_seconds,
-                deterministic: req.deterministic,
-            })
-            .await?;
+        // Each child's files and command start as soon as that child runs; its events wait
+        // behind the `forked` event (the gate), which comes once every child runs. If the
+        // fork fails, its children are deleted with whatever they started, the gate closes
+        // without opening and the caller gets the fork's error alone.
+        let (running_tx, mut running_rx) = mpsc::unbounded_channel::<(usize, String)>();
+        let (gate_tx, gate_rx) = tokio::sync::watch::channel(false);
         let (tx, rx) = mpsc::channel(256);
-        let children = forked.children.clone();
+        let mut plans: Vec<Option<_>> = plans.into_iter().map(Some).collect();
+        let starter = {
+            let node = self.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while let Some((i, id)) = running_rx.recv().await {
+                    let Some((start, files)) = plans.get_mut(i).and_then(Option::take) else {
+                        continue;
+                    };
+                    let (node, tx, mut gate) = (node.clone(), tx.clone(), gate_rx.clone());
+                    tokio::spawn(async move {
+                        let index = u32::try_from(i).unwrap_or(u32::MAX);
+                        let ev = |event| pb::ForkRunEvent {
+                            child: index,
+                            sandbox_id: id.clone(),
+                            event,
+                        };
+                        let r = node.run_in_child(&id, index, start, files).await;
+                        if !matches!(gate.wait_for(|open| *open).await.as_deref(), Ok(true)) {
+                            return; // the fork failed: this child is gone
+                        }
+                        match r {
+                            Err(e) => {
+                                let msg = e.one_line();
+                                let _ = tx
+                                    .send(Ok(ev(Some(pb::fork_run_event::Event::Error(msg)))))
+                                    .await;
+                            }
+                            Ok(None) => {}
+                            Ok(Some(mut events)) => {
+                                while let Some(e) = events.recv().await {
+                                    let Ok(e) = e else { break };
+                                    let wrapped = ev(Some(pb::fork_run_event::Event::Process(e)));
+                                    if tx.send(Ok(wrapped)).await.is_err() {
+                                        break; // the client went away; the command runs on
+                                    }
+                                }
+                            }
+                        }
+                    });
+                }
+            })
+        };
+        let forked = self
+            .fork_notify(
+                pb::ForkRequest {
+                    id: req.id.clone(),
+                    count: req.count,
+                    labels: req.labels.clone(),
+                    child_labels,
+                    ttl_seconds: req.ttl_seconds,
+                    deterministic: req.deterministic,
+                },
+                Some(running_tx),
+            )
+            .await;
+        let forked = match forked {
+            Ok(f) => f,
+            Err(e) => {
+                drop(gate_tx);
+                starter.abort();
+                return Err(e);
+            }
+        };
         let _ = tx
             .send(Ok(pb::ForkRunEvent {
                 child: 0,
@@ -1685,32 +1744,7 @@ impl Node {
                 event: Some(pb::fork_run_event::Event::Forked(forked)),
             }))
             .await;
-        for (i, (child, (start, files))) in children.into_iter().zip(plans).enumerate() {
-            let node = self.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let index = u32::try_from(i).unwrap_or(u32::MAX);
-                let id = child.id.clone();
-                let ev = |event| pb::ForkRunEvent { child: index, sandbox_id: id.clone(), event };
-                let r = node.run_in_child(&child.id, index, start, files).await;
-                match r {
-                    Err(e) => {
-                        let msg = e.one_line();
-                        let _ = tx.send(Ok(ev(Some(pb::fork_run_event::Event::Error(msg))))).await;
-                    }
-                    Ok(None) => {}
-                    Ok(Some(mut events)) => {
-                        while let Some(e) = events.recv().await {
-                            let Ok(e) = e else { break };
-                            let wrapped = ev(Some(pb::fork_run_event::Event::Process(e)));
-                            if tx.send(Ok(wrapped)).await.is_err() {
-                                break; // the client went away; the command runs on
-                            }
-                        }
-                    }
-                }
-            });
-        }
+        let _ = gate_tx.send(true);
         Ok(rx)
     }
 
@@ -2164,6 +2198,16 @@ impl Node {
 
     /// Forks a running sandbox into `count` children.
     pub async fn fork(self: &Arc<Self>, req: pb::ForkRequest) -> Result<pb::ForkResponse> {
+        self.fork_notify(req, None).await
+    }
+
+    /// [`Self::fork`], telling `running` each child's index and id as soon as that child
+    /// runs (before the others are done: ForkRun starts its work there).
+    async fn fork_notify(
+        self: &Arc<Self>,
+        req: pb::ForkRequest,
+        running: Option<mpsc::UnboundedSender<(usize, String)>>,
+    ) -> Result<pb::ForkResponse> {
         self.check_open()?;
         let t = Instant::now();
         validate::fork_count(req.count)?;
@@ -2231,7 +2275,14 @@ impl Node {
                 deterministic: req.deterministic,
             };
             let node = self.clone();
-            tasks.push(tokio::spawn(async move { node.new_from_snapshot(spec).await }));
+            let running = running.clone();
+            tasks.push(tokio::spawn(async move {
+                let r = node.new_from_snapshot(spec).await;
+                if let (Ok(rec), Some(tx)) = (&r, running) {
+                    let _ = tx.send((i, rec.id.clone()));
+                }
+                r
+            }));
         }
         let mut made = Vec::new();
         let mut first_err = None;
