@@ -17,6 +17,7 @@ APT_PACKAGES=(
   nftables                    # netd test: a ct rule makes the host namespace track connections (conntrack scrub)
   python3                     # scripts/demo.sh reads grove --json output
   python3-venv                # build/pyenv: the Python client (clients/python) and pytest
+  tmux                        # the test host's agentd scenario runs grove exec -t in a terminal
 )
 
 SUDO=""

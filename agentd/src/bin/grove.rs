@@ -473,6 +473,51 @@ impl Drop for RawTerminal {
     }
 }
 
+type ProcessClient = pb::process_service_client::ProcessServiceClient<client::AuthChannel>;
+
+/// The size of grove's terminal (rows, columns), if stdout is one.
+fn terminal_size() -> Option<(u32, u32)> {
+    rustix::termios::tcgetwinsize(rustix::stdio::stdout())
+        .ok()
+        .map(|w| (u32::from(w.ws_row.max(1)), u32::from(w.ws_col.max(1))))
+}
+
+/// Feeds grove's stdin to the process (its end: end of input).
+fn feed_stdin(mut pc: ProcessClient, process_id: String) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut stdin = tokio::io::stdin();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = stdin.read(&mut buf).await.unwrap_or(0);
+            let req = pb::SendStdinRequest {
+                process_id: process_id.clone(),
+                data: buf[..n].to_vec(),
+                eof: n == 0,
+            };
+            if pc.send_stdin(req).await.is_err() || n == 0 {
+                return;
+            }
+        }
+    })
+}
+
+/// Follows grove's terminal's size (SIGWINCH) into the process's PTY (Resize).
+fn follow_window_size(mut pc: ProcessClient, process_id: String) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut winch) = signal(SignalKind::window_change()) else { return };
+        while winch.recv().await.is_some() {
+            if let Some((rows, cols)) = terminal_size() {
+                let req = pb::ResizeProcessRequest { process_id: process_id.clone(), rows, cols };
+                if pc.resize(req).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+}
+
 /// `ID:/path` → (ID, /path); anything else is a local path.
 fn guest_path(s: &str) -> Option<(String, String)> {
     let (id, path) = s.split_once(':')?;
@@ -635,42 +680,34 @@ async fn exec(c: &mut Clients, req: pb::StartProcessRequest, feed: bool) -> Resu
     let st = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
     let tty = req.pty_rows > 0;
     let events = c.process.start(req).await.map_err(st)?.into_inner();
-    let _raw =
-        if tty && std::io::stdin().is_terminal() { Some(RawTerminal::enter()) } else { None };
-    follow(c, events, feed).await
+    let terminal = tty && std::io::stdin().is_terminal();
+    let _raw = if terminal { Some(RawTerminal::enter()) } else { None };
+    follow(c, events, feed, terminal).await
 }
 
-/// Prints a process's events (feeding it grove's stdin with `feed`); its exit status.
+/// Prints a process's events (feeding it grove's stdin with `feed`, following the terminal's
+/// size with `resize`); its exit status.
 async fn follow(
     c: &mut Clients,
     mut events: tonic::Streaming<pb::ProcessEvent>,
     feed: bool,
+    resize: bool,
 ) -> Result<u8, String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let st = |s: tonic::Status| format!("{:?}: {}", s.code(), s.message());
     let mut out = tokio::io::stdout();
     let mut err = tokio::io::stderr();
     let mut feeder: Option<tokio::task::JoinHandle<()>> = None;
+    let mut resizer: Option<tokio::task::JoinHandle<()>> = None;
     while let Some(ev) = events.message().await.map_err(st)? {
         match ev.event {
-            Some(pb::process_event::Event::Started(s)) if feed => {
-                let mut pc = c.process.clone();
-                let pid = s.process_id;
-                feeder = Some(tokio::spawn(async move {
-                    let mut stdin = tokio::io::stdin();
-                    let mut buf = vec![0u8; 64 << 10];
-                    loop {
-                        let n = stdin.read(&mut buf).await.unwrap_or(0);
-                        let req = pb::SendStdinRequest {
-                            process_id: pid.clone(),
-                            data: buf[..n].to_vec(),
-                            eof: n == 0,
-                        };
-                        if pc.send_stdin(req).await.is_err() || n == 0 {
-                            return;
-                        }
-                    }
-                }));
+            Some(pb::process_event::Event::Started(s)) => {
+                if resize && resizer.is_none() {
+                    resizer = Some(follow_window_size(c.process.clone(), s.process_id.clone()));
+                }
+                if feed && feeder.is_none() {
+                    feeder = Some(feed_stdin(c.process.clone(), s.process_id));
+                }
             }
             Some(pb::process_event::Event::Output(o)) => {
                 let w: &mut (dyn tokio::io::AsyncWrite + Unpin) =
@@ -681,8 +718,8 @@ async fn follow(
                 }
             }
             Some(pb::process_event::Event::Exit(x)) => {
-                if let Some(f) = feeder {
-                    f.abort();
+                for t in [feeder.take(), resizer.take()].into_iter().flatten() {
+                    t.abort();
                 }
                 if !x.error.is_empty() {
                     return Err(format!("the process's end was not seen: {}", x.error));
@@ -1153,13 +1190,7 @@ async fn run(cli: Cli) -> Result<u8, String> {
             print!("{}", m.text);
         }
         Cmd::Exec { id, interactive, tty, env, cwd, user, timeout, checkpoint, argv } => {
-            let (rows, cols) = if tty {
-                rustix::termios::tcgetwinsize(rustix::stdio::stdout())
-                    .map(|w| (u32::from(w.ws_row.max(1)), u32::from(w.ws_col.max(1))))
-                    .unwrap_or((24, 80))
-            } else {
-                (0, 0)
-            };
+            let (rows, cols) = if tty { terminal_size().unwrap_or((24, 80)) } else { (0, 0) };
             let req = pb::StartProcessRequest {
                 sandbox_id: id,
                 argv,
@@ -1229,7 +1260,7 @@ async fn run(cli: Cli) -> Result<u8, String> {
                 .await
                 .map_err(st)?
                 .into_inner();
-            return follow(&mut c, events, false).await;
+            return follow(&mut c, events, false, false).await;
         }
         Cmd::Wait { process_id } => {
             let x = c
@@ -1276,7 +1307,12 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match rt.block_on(run(cli)) {
+    let r = rt.block_on(run(cli));
+    // `exec -i` reads stdin on a blocking thread, and a read of a terminal cannot be
+    // cancelled: a runtime that waited for it would keep grove alive after the process
+    // ended until the user pressed a key (the test host's tmux check found it).
+    rt.shutdown_background();
+    match r {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             // println! panics on a closed pipe; errors go to stderr, which we leave as is.

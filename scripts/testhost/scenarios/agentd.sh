@@ -70,6 +70,39 @@ log "exec: each of the 3 VMs read its own /run/mine"
 # A PTY (no terminal here: 24x80).
 out="$(g exec -t "$P" -- stty size </dev/null | tr -d '\r')"
 [ "$out" = "24 80" ] || fail "PTY size '$out'"
+# A PTY in a real terminal (tmux): grove puts it in raw mode (^C goes to the guest's
+# process, not to grove), the PTY has the terminal's size and follows its resize (SIGWINCH →
+# Resize), and the shell's exit ends grove.
+TM=(tmux -L "grove-$$" -f /dev/null)
+"${TM[@]}" new-session -d -x 100 -y 30 "$BIN/grove --endpoint unix:$SOCK exec -t $P -- sh; echo grove-exit=\$?; sleep 600"
+pane() { "${TM[@]}" capture-pane -p -t 0 | tr -d '\r'; }
+wait_pane() { # REGEX: a line of the pane matches (30 s)
+  for _ in $(seq 150); do pane | grep -qE "$1" && return 0; sleep 0.2; done
+  pane >&2; "${TM[@]}" kill-server; fail "terminal: no line matching '$1'"
+}
+size() { "${TM[@]}" display -p -t 0 '#{pane_height} #{pane_width}'; }
+s1="$(size)"
+"${TM[@]}" send-keys -t 0 'stty size; echo pty-$((6*7))' Enter
+wait_pane '^pty-42$'
+pane | grep -qx "$s1" || { pane >&2; fail "terminal: stty size is not the pane's $s1"; }
+"${TM[@]}" send-keys -t 0 'sleep 300' Enter
+sleep 1
+"${TM[@]}" send-keys -t 0 C-c
+"${TM[@]}" send-keys -t 0 'echo alive-$((1+1))' Enter
+wait_pane '^alive-2$'
+"${TM[@]}" resize-window -t 0 -x 120 -y 40
+s2="$(size)"
+[ "$s2" != "$s1" ] || fail "terminal: tmux did not resize the pane"
+for _ in $(seq 50); do
+  "${TM[@]}" send-keys -t 0 'stty size' Enter
+  sleep 0.4
+  pane | grep -qx "$s2" && break
+done
+pane | grep -qx "$s2" || { pane >&2; "${TM[@]}" kill-server; fail "terminal: the PTY did not follow the resize to $s2"; }
+"${TM[@]}" send-keys -t 0 'exit 5' Enter
+wait_pane '^grove-exit=5$'
+"${TM[@]}" kill-server
+log "terminal: grove exec -t in tmux: raw (^C reached the guest), size $s1 then $s2 after a resize, exit 5"
 # A signal through grove kill ends a running process; the exec's status is 128+9.
 # running_proc ARGV0: the process id of the parent's running process ARGV0 (waits 30 s).
 running_proc() {
@@ -115,6 +148,10 @@ g exec "$P" -- rm -f /run/big
 st=0; g cp "$P:/nonexistent" "$W/x" 2>"$W/cperr" || st=$?
 [ "$st" -ne 0 ] && grep -q NotFound "$W/cperr" || fail "cp of a missing file: status $st, $(cat "$W/cperr")"
 [ ! -e "$W/x" ] || fail "a failed cp left $W/x"
+# A path that escapes the guest's root (lexically: guest-init refuses it) is PermissionDenied.
+st=0; g cp "$P:/../etc/passwd" "$W/x" 2>"$W/cperr" || st=$?
+[ "$st" -ne 0 ] && grep -q PermissionDenied "$W/cperr" || fail "cp of /../etc/passwd: status $st, $(cat "$W/cperr")"
+[ ! -e "$W/x" ] || fail "a refused cp left $W/x"
 
 # Every VM reads its own entropy device: their latest values differ. (Not right after the
 # fork: the guest's hw_random core and virtio-rng driver buffer up to 128 bytes, 16 ticks'
