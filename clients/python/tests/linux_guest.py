@@ -76,6 +76,29 @@ def check_run(client: Client, sb: Sandbox) -> None:
     r = sb.run(["sleep", "60"], timeout=1)
     check(r.timed_out and r.signal == 9, f"timeout: {r}")
     log("run: streamed in order (seq), connect replay, processes(), signal 9, timeout")
+    # A PTY through the API: its size, a Resize before the process reads a typed line, the
+    # size after it, the exit.
+    s = sb.start("stty size; read line; stty size; echo got=$line", pty=(24, 80), stdin=True)
+    first = b""
+    for o in s:  # up to the first size, then the resize and the line it reads
+        first += o.data
+        if b"\n" in first:
+            break
+    check(first.replace(b"\r", b"") == b"24 80\n", f"pty: first output {first!r}")
+    s.process.resize(40, 120)
+    s.process.send_stdin(b"hello\n")
+    r = s.collect()
+    lines = r.stdout.replace(b"\r", b"").split(b"\n")
+    check(r.exit_code == 0 and b"40 120" in lines and b"got=hello" in lines,
+          f"pty: exit {r.exit_code}, output after the resize {r.stdout!r}")  # fmt: skip
+    # A checkpoint when a process exits, then a rewind to it.
+    r = sb.run("echo one >/root/cp && sync", checkpoint=True)
+    check(r.ok and r.checkpoint is not None, f"no checkpoint: {r}")
+    sb.run("echo two >/root/cp && sync")
+    sb.rewind(r.checkpoint)
+    got = sb.run("cat /root/cp").stdout
+    check(got == b"one\n", f"after a rewind to checkpoint {r.checkpoint}: /root/cp is {got!r}")
+    log("run: a PTY (24x80, resized to 40x120 before it read a typed line), a checkpoint and rewind")
 
 
 def check_files(client: Client, sb: Sandbox) -> None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# what: the Python client (clients/python, from build/pyenv) against agentd with a Linux template (guest-init's agent): the example search loop (fork into 4 with a different command each, keep the best-scoring child: the expected one, its siblings gone, it still runs), run() with stdout, stderr, exit code, stdin, env, streaming, signal and timeout, a 3 MiB file round trip through sb.files byte for byte, sb.files.watch events in order, 1000 concurrent Connect streams (grpc.aio) to one process each getting every line in order and the exit while a run() succeeds, agentd serving normally after; delete all leaves nothing
+# what: the Python client (clients/python, from build/pyenv) against agentd with a Linux template (guest-init's agent): the example search loop (fork into 4 with a different command each, keep the best-scoring child: the expected one, its siblings gone, it still runs), run() with stdout, stderr, exit code, stdin, env, streaming, signal and timeout, a PTY resized through the API, a checkpoint and a rewind to it, a 3 MiB file round trip through sb.files byte for byte, sb.files.watch events in order, 1000 concurrent Connect streams (grpc.aio) to one process each getting every line in order and the exit while a run() succeeds, agentd serving normally after; delete all leaves nothing
 # timeout: 1500
 . "$GROVE_ROOT/scripts/testhost/lib.sh"
 . "$GROVE_ROOT/scripts/testhost/agentd-lib.sh"
@@ -45,6 +45,10 @@ log "streams: $(( $(date +%s) - t0 )) s in all (test host, TCG)"
 # Delete all; then nothing is left.
 g rm --subtree "$P" >/dev/null
 [ "$(g --json ls | jget 'len(d)')" -eq 0 ] || fail "sandboxes left after delete: $(g ls)"
+# The checkpoint run() took (pinned, labelled grove.process=…) goes with its sandbox gone.
+cps="$(g --json snapshots ls | jget '" ".join(str(s["id"]) for s in d if "grove.process" in s["labels"])')"
+[ -n "$cps" ] || fail "no checkpoint snapshot (run(checkpoint=True)) is listed"
+for s in $cps; do g snapshots rm "$s"; done
 g template rm linux
 [ -z "$(ls "$DATA/snapshots")" ] || fail "snapshot files left: $(ls -R "$DATA/snapshots")"
 [ -z "$(ls "$DATA/layers")" ] || fail "layer files left: $(ls "$DATA/layers")"
