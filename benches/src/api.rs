@@ -115,7 +115,8 @@ fn agentd_path() -> Result<PathBuf, String> {
     }
 }
 
-fn st(what: &str) -> impl Fn(tonic::Status) -> String + '_ {
+/// A gRPC status as a one-line error naming the call (also grove-bench explore's).
+pub(crate) fn st(what: &str) -> impl Fn(tonic::Status) -> String + '_ {
     move |e| format!("{what}: {:?}: {}", e.code(), e.message())
 }
 
@@ -145,7 +146,8 @@ fn create_req() -> pb::CreateRequest {
     }
 }
 
-fn metric(text: &str, name: &str) -> u64 {
+/// A counter's value in agentd's metrics text (0 if absent).
+pub(crate) fn metric(text: &str, name: &str) -> u64 {
     text.lines()
         .find(|l| l.starts_with(name))
         .and_then(|l| l.split_whitespace().last())

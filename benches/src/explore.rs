@@ -30,6 +30,7 @@ use grove_agentd::client::{self, Clients};
 use grove_proto::v1 as pb;
 use serde::Serialize;
 
+use crate::api::{metric, st};
 use crate::stats::{flag, wants_json, Summary};
 use crate::vmm_driver::{loadavg, mem_available_mib};
 
@@ -178,10 +179,6 @@ struct Report {
     series: Vec<Series>,
 }
 
-fn st(what: &str) -> impl Fn(tonic::Status) -> String + '_ {
-    move |e| format!("{what}: {:?}: {}", e.code(), e.message())
-}
-
 fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
@@ -191,11 +188,7 @@ fn hostname() -> String {
 }
 
 fn misses(text: &str) -> u64 {
-    text.lines()
-        .find(|l| l.starts_with("grove_standby_pool_misses_total"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0)
+    metric(text, "grove_standby_pool_misses_total")
 }
 
 async fn pool_misses(c: &mut Clients) -> Result<u64, String> {
@@ -303,18 +296,35 @@ async fn flow_a(
         Err(_) => Err(format!("ForkRun({n}): no output from children {:?} in time", fb.missing())),
     };
     drop(stream);
+    let ids = finish(c, &mut sample, misses0, r, ids, &fb, check.then(|| format!("ForkRun({n})")))
+        .await?;
+    Ok((sample, ids))
+}
+
+/// The end of a sample of either flow: the pool misses during it; on `outcome`'s error its
+/// children deleted; each child's output checked to be its index (with `check`: the flow's
+/// name); the first and last child's first byte. The children's ids back.
+async fn finish(
+    c: &mut Clients,
+    sample: &mut Sample,
+    misses0: u64,
+    outcome: Result<(), String>,
+    ids: Vec<String>,
+    fb: &FirstBytes,
+    check: Option<String>,
+) -> Result<Vec<String>, String> {
     sample.pool_misses = pool_misses(c).await?.saturating_sub(misses0);
-    if let Err(e) = r {
+    if let Err(e) = outcome {
         let _ = delete_all(c, ids).await;
         return Err(e);
     }
-    if check {
-        fb.check_indexes().map_err(|e| format!("ForkRun({n}): {e}"))?;
+    if let Some(flow) = check {
+        fb.check_indexes().map_err(|e| format!("{flow}: {e}"))?;
     }
     sample.first_ms = fb.first().unwrap_or(f64::NAN);
     sample.last_ms =
         fb.last().ok_or_else(|| format!("children {:?} printed nothing", fb.missing()))?;
-    Ok((sample, ids))
+    Ok(ids)
 }
 
 /// One child of flow B: Create from the snapshot, then Start; (id, created ms, output
@@ -419,17 +429,9 @@ async fn flow_b(
             }
         }
     }
-    sample.pool_misses = pool_misses(c).await?.saturating_sub(misses0);
-    if let Some(e) = first_err {
-        let _ = delete_all(c, ids).await;
-        return Err(e);
-    }
-    if check {
-        fb.check_indexes().map_err(|e| format!("snapshot + create({n}): {e}"))?;
-    }
-    sample.first_ms = fb.first().unwrap_or(f64::NAN);
-    sample.last_ms =
-        fb.last().ok_or_else(|| format!("children {:?} printed nothing", fb.missing()))?;
+    let outcome = first_err.map_or(Ok(()), Err);
+    let flow = check.then(|| format!("snapshot + create({n})"));
+    let ids = finish(c, &mut sample, misses0, outcome, ids, &fb, flow).await?;
     Ok((sample, ids, snap.id))
 }
 
