@@ -127,7 +127,8 @@ pub fn list(c: &mut GuestClient, path: &str, depth: u32) -> Result<Vec<pb::FileI
     Ok(out)
 }
 
-/// Counts open streams of one kind against a limit; one is given back when its guard drops.
+/// Counts open streams (or running processes) of one kind against a limit; one is given
+/// back when its guard drops.
 pub struct Streams {
     open: AtomicUsize,
     max: usize,
@@ -137,7 +138,7 @@ pub struct Streams {
 impl Default for Streams {
     /// Read and Write streams.
     fn default() -> Self {
-        Self::new(MAX_STREAMS, "file streams")
+        Self::new(MAX_STREAMS, "file streams are open")
     }
 }
 
@@ -151,10 +152,15 @@ impl Drop for StreamSlot {
 }
 
 impl Streams {
-    /// At most `max` open at once (`what` names them in the refusal).
+    /// At most `max` at once; the refusal says "`max` `what` on this node already".
     #[must_use]
     pub fn new(max: usize, what: &'static str) -> Self {
         Self { open: AtomicUsize::new(0), max, what }
+    }
+
+    /// How many are taken now.
+    pub fn taken(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
     }
 
     /// A slot, or RESOURCE_EXHAUSTED.
@@ -162,7 +168,7 @@ impl Streams {
         if self.open.fetch_add(1, Ordering::SeqCst) >= self.max {
             self.open.fetch_sub(1, Ordering::SeqCst);
             return Err(AgentError::ResourceExhausted(format!(
-                "{} {} are open on this node already",
+                "{} {} on this node already",
                 self.max, self.what
             )));
         }
@@ -419,7 +425,7 @@ mod tests {
 
     #[test]
     fn streams_are_bounded_and_given_back() {
-        let s = Arc::new(Streams::new(2, "watches"));
+        let s = Arc::new(Streams::new(2, "watches are open"));
         let a = s.take().unwrap();
         let _b = s.take().unwrap();
         let e = s.take().err().expect("a third is refused");

@@ -346,7 +346,7 @@ impl Node {
             file_streams: Arc::default(),
             file_watches: Arc::new(crate::files::Streams::new(
                 crate::files::MAX_WATCHES,
-                "file watches",
+                "file watches are open",
             )),
             cfg,
             layout,

@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use grove_proto::client::{ExecEvent, GuestClient, GuestSender};
@@ -88,12 +88,23 @@ impl Proc {
 }
 
 /// The node's processes.
-#[derive(Default)]
 pub struct Procs {
     next: AtomicU64,
-    running: AtomicUsize,
+    /// One slot per running process, held by its reader thread.
+    running: Arc<crate::files::Streams>,
     map: Mutex<BTreeMap<String, Arc<Proc>>>,
     ended: Mutex<VecDeque<String>>,
+}
+
+impl Default for Procs {
+    fn default() -> Self {
+        Self {
+            next: AtomicU64::default(),
+            running: Arc::new(crate::files::Streams::new(MAX_RUNNING, "processes run")),
+            map: Mutex::default(),
+            ended: Mutex::default(),
+        }
+    }
 }
 
 /// A checked start request, as the guest's agent takes it.
@@ -184,13 +195,9 @@ impl Procs {
         start: ExecStart,
         now_ms: u64,
     ) -> Result<(Arc<Proc>, Events)> {
-        // Counted before anything is made; given back on every failure below.
-        if self.running.fetch_add(1, Ordering::SeqCst) >= MAX_RUNNING {
-            self.running.fetch_sub(1, Ordering::SeqCst);
-            return Err(AgentError::ResourceExhausted(format!(
-                "{MAX_RUNNING} processes run on this node already"
-            )));
-        }
+        // Taken before anything is made; the reader thread holds it (so it is given back
+        // whenever that thread ends, or is never started).
+        let slot = self.running.take()?;
         let n = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let id = format!("p-{n}");
         let vsock = vsock.to_path_buf();
@@ -203,6 +210,7 @@ impl Procs {
             .name(format!("proc-{n}"))
             .stack_size(256 << 10)
             .spawn(move || {
+                let _slot = slot;
                 // Connect and start; the first answer is ExecStarted or the guest's error.
                 let begun = (|| {
                     // No answer timeout: a process may stay silent for hours.
@@ -270,19 +278,12 @@ impl Procs {
                 procs.ended(&p.id);
             });
         if let Err(e) = spawned {
-            self.running.fetch_sub(1, Ordering::SeqCst);
             return Err(AgentError::Internal(format!("process reader thread: {e}")));
         }
         match ready_rx.await {
             Ok(Ok(p)) => Ok((p, rx)),
-            Ok(Err(e)) => {
-                self.running.fetch_sub(1, Ordering::SeqCst);
-                Err(e)
-            }
-            Err(_) => {
-                self.running.fetch_sub(1, Ordering::SeqCst);
-                Err(AgentError::Internal("the process reader ended".into()))
-            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(AgentError::Internal("the process reader ended".into())),
         }
     }
 
@@ -342,7 +343,6 @@ impl Procs {
     }
 
     fn ended(&self, id: &str) {
-        self.running.fetch_sub(1, Ordering::SeqCst);
         let mut ended = lock(&self.ended);
         ended.push_back(id.to_string());
         while ended.len() > KEEP_ENDED {
@@ -479,7 +479,7 @@ impl Procs {
 
     /// Processes running now.
     pub fn running(&self) -> usize {
-        self.running.load(Ordering::SeqCst)
+        self.running.taken()
     }
 }
 
